@@ -1,0 +1,1 @@
+"""Model backends behind one narrow, batched request interface (see :mod:`visa.backends.base`)."""

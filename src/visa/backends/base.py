@@ -1,0 +1,78 @@
+"""The backend interface: typed requests in, results out, in order.
+
+A scorer builds requests; a backend answers a whole list of them, doing its own batching,
+padding, caching and concurrency. A backend returns an ``Exception`` in place of a result for a
+request that failed, so one bad request never costs the others.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from visa.samples import Turn
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat message; ``images`` are shown before the text (user messages only)."""
+
+    role: str
+    text: str
+    images: tuple[Image.Image, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    messages: tuple[Message, ...]
+    max_new_tokens: int = 512
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateResult:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerLogprobsRequest:
+    """Teacher-forced conversation; ``images`` attach to the first user turn (empty: no image).
+
+    The backend returns the log-probabilities of the assistant answer tokens only: not the prompt,
+    not the chat template's end-of-turn tokens.
+    """
+
+    turns: tuple[Turn, ...]
+    images: tuple[Image.Image, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerLogprobsResult:
+    """One float array of per-token log-probs per assistant turn, in turn order."""
+
+    per_turn: tuple[np.ndarray, ...]
+
+
+class Backend(ABC):
+    """A model server. ``setup`` loads the model; the two request kinds are answered in order."""
+
+    def setup(self) -> None:
+        """Load the model (import optional dependencies here)."""
+
+    @abstractmethod
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult | Exception]: ...
+
+    @abstractmethod
+    def answer_logprobs(
+        self, requests: Sequence[AnswerLogprobsRequest]
+    ) -> list[AnswerLogprobsResult | Exception]: ...
+
+    def models(self) -> dict[str, str]:
+        """Model id -> revision, for run.json."""
+        return {}
+
+    def teardown(self) -> None:
+        """Release the model."""

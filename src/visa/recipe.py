@@ -1,0 +1,165 @@
+"""Recipes: which agents measure which score, with which parameters.
+
+A recipe is YAML validated against typed models; every agent's ``params`` is validated against that
+agent's own ``Params`` model, so a typo fails when the recipe is loaded, not hours into a run. Bundled
+recipes live in ``visa/recipes/<name>.yaml``; ``--recipe`` takes a bundled name or a path.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from visa.agents.base import Agent, Unit
+from visa.images import ImageLimits
+from visa.registry import AGENTS, UnknownName, agent_class, did_you_mean
+
+SCORE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message is one clear line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class AgentSpec(_Strict):
+    name: str
+    type: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def agent_type(self) -> str:
+        return self.type or self.name
+
+
+class ScoreSpec(_Strict):
+    agents: list[AgentSpec]
+
+
+class ExecutionSpec(_Strict):
+    shard_size: int = Field(256, ge=1, description="records per shard (the unit of resume)")
+    hf_offline: bool = Field(True, description="set HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE for the run")
+
+
+class Recipe(_Strict):
+    name: str
+    description: str = ""
+    images: ImageLimits = Field(default_factory=ImageLimits)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    scores: dict[str, ScoreSpec]
+
+    @field_validator("scores")
+    @classmethod
+    def _score_names(cls, scores: dict[str, ScoreSpec]) -> dict[str, ScoreSpec]:
+        for name, spec in scores.items():
+            if not SCORE_NAME.match(name):
+                raise ValueError(f"score name '{name}' must be lower-case letters, digits and '_'")
+            seen: set[str] = set()
+            for agent in spec.agents:
+                if not SCORE_NAME.match(agent.name):
+                    raise ValueError(f"agent name '{agent.name}' must be lower-case letters, digits and '_'")
+                if agent.name in seen:
+                    raise ValueError(f"agent '{agent.name}' appears twice in score '{name}'")
+                seen.add(agent.name)
+                if agent.agent_type not in AGENTS:
+                    raise ValueError(
+                        f"unknown agent type '{agent.agent_type}' in score '{name}'"
+                        f"{did_you_mean(agent.agent_type, AGENTS)}"
+                    )
+        return scores
+
+    def build_agents(self) -> list[BoundAgent]:
+        """Instantiate every agent (cheap: no model loading), image agents first, in recipe order."""
+        bound: list[BoundAgent] = []
+        for score, spec in self.scores.items():
+            for agent_spec in spec.agents:
+                cls = agent_class(agent_spec.agent_type)
+                try:
+                    params = cls.Params(**agent_spec.params)
+                except ValidationError as err:
+                    raise RecipeError(
+                        f"recipe '{self.name}', agent {score}.{agent_spec.name}: "
+                        + _first_error(err, cls.Params.model_fields)
+                    ) from None
+                bound.append(BoundAgent(score, agent_spec.name, cls(params)))
+        bound.sort(key=lambda b: b.agent.unit != Unit.IMAGE)
+        return bound
+
+
+class BoundAgent:
+    """An agent instance with its place in the recipe: column ``<score>.<name>``."""
+
+    def __init__(self, score: str, name: str, agent: Agent):
+        self.score, self.name, self.agent = score, name, agent
+
+    @property
+    def column(self) -> str:
+        return f"{self.score}.{self.name}"
+
+    def column_of(self, field: str) -> str:
+        return self.column if field == "score" else f"{self.column}.{field}"
+
+    def __repr__(self) -> str:
+        return f"BoundAgent({self.column}, {type(self.agent).__name__})"
+
+
+def bundled_recipes() -> list[str]:
+    folder = resources.files("visa") / "recipes"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Load a bundled recipe by name, or a YAML file by path. Raises RecipeError with one clear line."""
+    text, label = _recipe_text(str(name_or_path))
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {label} is not valid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {label} must be a YAML mapping")
+    data.setdefault("name", Path(label).stem)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(f"recipe {label}: {_first_error(err, Recipe.model_fields)}") from None
+    try:
+        recipe.build_agents()
+    except UnknownName as err:
+        raise RecipeError(f"recipe {label}: {err}") from None
+    return recipe
+
+
+def _recipe_text(name_or_path: str) -> tuple[str, str]:
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        return path.read_text(encoding="utf-8"), str(path)
+    names = bundled_recipes()
+    if name_or_path not in names:
+        raise RecipeError(
+            f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, names)}; "
+            f"bundled: {', '.join(names)} (or give a path to a .yaml file)"
+        )
+    resource = resources.files("visa") / "recipes" / f"{name_or_path}.yaml"
+    return resource.read_text(encoding="utf-8"), f"'{name_or_path}'"
+
+
+def _first_error(err: ValidationError, fields: dict[str, Any]) -> str:
+    """One line for the first validation error, with a did-you-mean for unknown fields."""
+    first = err.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        field = str(first["loc"][-1])
+        hint = did_you_mean(field, list(fields)) if len(first["loc"]) == 1 else ""
+        return f"unknown field '{where}'{hint}"
+    message = first["msg"]
+    return f"{where}: {message}" if where else message

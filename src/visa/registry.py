@@ -1,0 +1,34 @@
+"""Lazy registry of agents: names map to ``"module:Class"`` strings, so listing or validating a recipe
+imports no model code. Add one line per agent here."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+
+from visa.agents.base import Agent
+
+AGENTS: dict[str, str] = {
+    "image_stats": "visa.agents.image_stats:ImageStatsAgent",
+}
+
+
+class UnknownName(LookupError):
+    pass
+
+
+def did_you_mean(name: str, choices: list[str] | tuple[str, ...] | set[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def agent_class(name: str) -> type[Agent]:
+    """Import and return the agent class registered under ``name``."""
+    try:
+        target = AGENTS[name]
+    except KeyError:
+        raise UnknownName(
+            f"unknown agent type '{name}'{did_you_mean(name, AGENTS)}; known: {', '.join(sorted(AGENTS))}"
+        ) from None
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)
