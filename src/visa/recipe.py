@@ -10,14 +10,14 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from visa.agents.base import Agent, Unit
 from visa.images import ImageLimits
-from visa.registry import AGENTS, UnknownName, agent_class, did_you_mean
+from visa.registry import AGENTS, UnknownName, agent_class, did_you_mean, is_known
 
 SCORE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -69,7 +69,7 @@ class Recipe(_Strict):
                 if agent.name in seen:
                     raise ValueError(f"agent '{agent.name}' appears twice in score '{name}'")
                 seen.add(agent.name)
-                if agent.agent_type not in AGENTS:
+                if not is_known(agent.agent_type):
                     raise ValueError(
                         f"unknown agent type '{agent.agent_type}' in score '{name}'"
                         f"{did_you_mean(agent.agent_type, AGENTS)}"
@@ -87,7 +87,7 @@ class Recipe(_Strict):
                 except ValidationError as err:
                     raise RecipeError(
                         f"recipe '{self.name}', agent {score}.{agent_spec.name}: "
-                        + _first_error(err, cls.Params.model_fields)
+                        + _first_error(err, cls.Params)
                     ) from None
                 bound.append(BoundAgent(score, agent_spec.name, cls(params)))
         bound.sort(key=lambda b: b.agent.unit != Unit.IMAGE)
@@ -118,18 +118,18 @@ def bundled_recipes() -> list[str]:
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """Load a bundled recipe by name, or a YAML file by path. Raises RecipeError with one clear line."""
-    text, label = _recipe_text(str(name_or_path))
+    text, label, default_name = _recipe_text(str(name_or_path))
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {label} is not valid YAML: {err}".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {label} must be a YAML mapping")
-    data.setdefault("name", Path(label).stem)
+    data.setdefault("name", default_name)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(f"recipe {label}: {_first_error(err, Recipe.model_fields)}") from None
+        raise RecipeError(f"recipe {label}: {_first_error(err, Recipe)}") from None
     try:
         recipe.build_agents()
     except UnknownName as err:
@@ -137,12 +137,13 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return recipe
 
 
-def _recipe_text(name_or_path: str) -> tuple[str, str]:
+def _recipe_text(name_or_path: str) -> tuple[str, str, str]:
+    """The recipe's YAML text, a label for messages, and the name it gets when it names none."""
     path = Path(name_or_path)
     if path.suffix in {".yaml", ".yml"} or path.exists():
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
-        return path.read_text(encoding="utf-8"), str(path)
+        return path.read_text(encoding="utf-8"), str(path), path.stem
     names = bundled_recipes()
     if name_or_path not in names:
         raise RecipeError(
@@ -150,16 +151,43 @@ def _recipe_text(name_or_path: str) -> tuple[str, str]:
             f"bundled: {', '.join(names)} (or give a path to a .yaml file)"
         )
     resource = resources.files("visa") / "recipes" / f"{name_or_path}.yaml"
-    return resource.read_text(encoding="utf-8"), f"'{name_or_path}'"
+    return resource.read_text(encoding="utf-8"), f"'{name_or_path}'", name_or_path
 
 
-def _first_error(err: ValidationError, fields: dict[str, Any]) -> str:
-    """One line for the first validation error, with a did-you-mean for unknown fields."""
-    first = err.errors()[0]
+def _first_error(err: ValidationError, model: type[BaseModel]) -> str:
+    """One line for the most useful validation error, with a did-you-mean for unknown fields."""
+    errors = err.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     where = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
-        field = str(first["loc"][-1])
-        hint = did_you_mean(field, list(fields)) if len(first["loc"]) == 1 else ""
-        return f"unknown field '{where}'{hint}"
-    message = first["msg"]
+        known = _fields_at(model, first["loc"][:-1])
+        return f"unknown field '{where}'{did_you_mean(str(first['loc'][-1]), known)}"
+    message = first["msg"].removeprefix("Value error, ")
     return f"{where}: {message}" if where else message
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model found by following ``loc`` through nested models, lists and dicts."""
+    annotation: Any = model
+    for part in loc:
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(str(part))
+            if field is None:
+                return []
+            annotation = field.annotation
+        else:
+            args = get_args(annotation)
+            annotation = args[-1] if args else None
+    annotation = _unwrap(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return list(annotation.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if args and type(None) in get_args(annotation) and len(args) == 1:
+        return args[0]
+    return annotation

@@ -22,13 +22,26 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...] | set[str]) -> 
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def is_known(name: str) -> bool:
+    """A registered name, or a ``"package.module:Class"`` path to a user's own agent class."""
+    return name in AGENTS or ":" in name
+
+
 def agent_class(name: str) -> type[Agent]:
-    """Import and return the agent class registered under ``name``."""
-    try:
+    """Import and return the agent class registered under ``name`` (or at ``"module:Class"``)."""
+    if name in AGENTS:
         target = AGENTS[name]
-    except KeyError:
+    elif ":" in name:
+        target = name
+    else:
         raise UnknownName(
             f"unknown agent type '{name}'{did_you_mean(name, AGENTS)}; known: {', '.join(sorted(AGENTS))}"
-        ) from None
-    module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)
+        )
+    module, _, attr = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise UnknownName(f"agent type '{name}' cannot be imported: {err}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Agent)):
+        raise UnknownName(f"agent type '{name}' is not a visa Agent class")
+    return cls

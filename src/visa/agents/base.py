@@ -108,6 +108,9 @@ class Agent(ABC):
     finalized_outputs: ClassVar[dict[str, pa.DataType]] = {}
     #: Columns of other agents this agent reads through ``SampleItem.context``.
     needs: ClassVar[tuple[str, ...]] = ()
+    #: Sample agents that never look at pixels (e.g. they read ``context`` only) set this to False,
+    #: so the executor does not decode images for them.
+    uses_images: ClassVar[bool] = True
     #: Python modules that must be importable for ``setup`` to work, with the extra that installs them.
     requires: ClassVar[dict[str, str]] = {}
 

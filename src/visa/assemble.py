@@ -1,0 +1,136 @@
+"""Assemble the score table from the work folder: one row per input record, flat typed columns.
+
+Image-agent results join to every sample of the image (a multi-image sample takes the mean of its
+images' numeric values and the first image's other fields); sample-agent results join by sample
+key. Pool-level steps (``Agent.finalize``, e.g. TF-IDF) run here over all results of the run. A
+sample whose image could not be decoded, or for which an agent failed, gets its error recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from visa.agents.base import Unit
+from visa.pipeline import PlannedAgent
+from visa.store import WorkDir
+
+META_PREFIX = "meta."
+
+
+def assemble(work: WorkDir, shards: int, agents: list[PlannedAgent], decode_fp: str) -> pa.Table:
+    samples = work.read_samples(shards)
+    n = samples.num_rows
+    error_kind = samples.column("error_kind").to_pylist()
+    error = samples.column("error").to_pylist()
+    columns: dict[str, pa.Array] = {
+        "row": samples.column("row"),
+        "line": samples.column("line"),
+        "sample_id": samples.column("sample_id"),
+        "image_key": samples.column("image_key"),
+        "image_keys": samples.column("image_keys"),
+    }
+    image_keys = samples.column("image_keys").to_pylist()
+    sample_keys = samples.column("sample_key").to_pylist()
+
+    decode = work.read_results(decode_fp)
+    if decode is not None:
+        failed = {k: e for k, e in zip(decode.column("key").to_pylist(), decode.column("error").to_pylist()) if e}
+        for i, keys in enumerate(image_keys):
+            if error[i] is None:
+                bad = next((failed[k] for k in keys or () if k in failed), None)
+                if bad is not None:
+                    kind, _, _ = bad.partition(":")
+                    error_kind[i], error[i] = _decode_kind(kind), bad
+
+    agent_values: dict[str, pa.Array] = {}
+    for planned in agents:
+        table = work.read_results(planned.fingerprint)
+        outputs = planned.agent.all_outputs()
+        if table is None:
+            table = pa.table(
+                {"key": pa.array([], pa.string()), **{f: pa.array([], t) for f, t in planned.agent.outputs.items()},
+                 "error": pa.array([], pa.string())}
+            )
+        if planned.agent.unit == Unit.IMAGE:
+            present = {k for keys in image_keys for k in keys or ()}
+        else:
+            present = {k for k in sample_keys if k is not None}
+        table = table.filter(pc.is_in(table.column("key"), value_set=pa.array(sorted(present), pa.string())))
+        table = planned.agent.finalize(table)
+        by_key = {k: i for i, k in enumerate(table.column("key").to_pylist())}
+        errors = table.column("error").to_pylist()
+        if planned.agent.unit == Unit.IMAGE:
+            index_lists = [[by_key.get(k) for k in keys or ()] for keys in image_keys]
+        else:
+            index_lists = [[by_key.get(k)] if k is not None else [] for k in sample_keys]
+        for i, indices in enumerate(index_lists):
+            if error[i] is None:
+                bad = next((errors[j] for j in indices if j is not None and errors[j]), None)
+                if bad is not None:
+                    error_kind[i], error[i] = "agent", f"agent {planned.column}: {bad}"
+        for field_name, kind in outputs.items():
+            column = table.column(field_name) if field_name in table.column_names else pa.nulls(table.num_rows, kind)
+            agent_values[planned.bound.column_of(field_name)] = _join(column, kind, index_lists, n)
+
+    columns["error_kind"] = pa.array(error_kind, pa.string())
+    columns["error"] = pa.array(error, pa.string())
+    columns.update(_meta_columns(samples.column("meta").to_pylist()))
+    columns.update(agent_values)
+    return pa.table(columns)
+
+
+def _decode_kind(kind: str) -> str:
+    return kind.strip() or "unreadable"
+
+
+def _join(column: pa.ChunkedArray | pa.Array, kind: pa.DataType, index_lists: list[list[int | None]], n: int) -> pa.Array:
+    """Values per sample: the value of its single key; the mean over keys for numeric multi-image."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    first = pa.array([ix[0] if ix and ix[0] is not None else None for ix in index_lists], pa.int64())
+    joined = column.take(first) if len(column) else pa.nulls(n, kind)
+    multi = [i for i, ix in enumerate(index_lists) if len(ix) > 1]
+    if not multi or not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
+        return joined
+    values = joined.to_numpy(zero_copy_only=False).astype(np.float64) if pa.types.is_floating(kind) else None
+    if values is None:
+        return joined
+    column_np = column.to_numpy(zero_copy_only=False).astype(np.float64)
+    for i in multi:
+        picked = [column_np[j] for j in index_lists[i] if j is not None and not np.isnan(column_np[j])]
+        values[i] = float(np.mean(picked)) if picked and len(picked) == len(index_lists[i]) else np.nan
+    return pa.array(values, type=kind, from_pandas=True)
+
+
+def _meta_columns(metas: list[str | None]) -> dict[str, pa.Array]:
+    """Scalar top-level metadata fields as ``meta.<field>``; one nested level as ``meta.<field>.<sub>``."""
+    flat: list[dict[str, Any]] = []
+    names: dict[str, None] = {}
+    for text in metas:
+        row: dict[str, Any] = {}
+        for key, value in (json.loads(text) if text else {}).items():
+            if isinstance(value, dict):
+                for sub, inner in value.items():
+                    if _scalar(inner):
+                        row[f"{META_PREFIX}{key}.{sub}"] = inner
+            elif _scalar(value):
+                row[f"{META_PREFIX}{key}"] = value
+        flat.append(row)
+        names.update(dict.fromkeys(row))
+    out: dict[str, pa.Array] = {}
+    for name in names:
+        values = [row.get(name) for row in flat]
+        try:
+            out[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types across records
+            out[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
+    return out
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool)) or value is None

@@ -1,0 +1,206 @@
+"""`visa score`: read the input, run the recipe's agents over shards, write the score table and run record."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+
+from visa import __version__
+from visa.assemble import assemble
+from visa.pipeline import AgentStats, ShardStats, plan_agents
+from visa.progress import RunProgress
+from visa.readers import Input, duplicate_ids, open_input
+from visa.recipe import Recipe, RecipeError
+from visa.store import WorkDir, atomic_write_json, atomic_write_table
+
+RECORDED_PACKAGES = (
+    "torch", "transformers", "pyarrow", "pillow", "scikit-image", "numpy", "sentence-transformers",
+    "rapidocr-onnxruntime", "onnxruntime", "vllm", "ray", "datasets",
+)
+IMAGE_LEVEL_NON_SCORES = frozenset({"image"})
+
+
+@dataclass
+class _Tally:
+    shards: int = 0
+    resumed: int = 0
+    agents: dict[str, AgentStats] = field(default_factory=dict)
+
+    def add(self, stats: ShardStats) -> None:
+        self.shards = max(self.shards, stats.shard + 1)
+        if stats.skipped:
+            self.resumed += 1
+        for column, agent_stats in stats.agents.items():
+            self.agents.setdefault(column, AgentStats()).add(agent_stats)
+
+
+class _CountingIds:
+    """Wraps an input so the id pre-pass also counts the records (for the progress bar's total)."""
+
+    def __init__(self, inp: Input, progress: RunProgress):
+        self.inp, self.progress, self.count, self._passes = inp, progress, 0, 0
+        self._task = progress.stage("indexing ids", inp.num_records(), "rec")
+
+    def iter_ids(self) -> Iterator[object | None]:
+        self._passes += 1
+        for value in self.inp.iter_ids():
+            if self._passes == 1:
+                self.count += 1
+                if self.progress.progress is not None and self._task is not None and self.count % 4096 == 0:
+                    self.progress.progress.advance(self._task, 4096)
+            yield value
+        if self._passes == 1 and self.progress.progress is not None and self._task is not None:
+            self.progress.progress.update(self._task, completed=self.count, total=self.count)
+
+
+def check_runnable(recipe: Recipe) -> None:
+    """Fail before any work when an agent's optional dependency is missing."""
+    problems = []
+    for score, spec in recipe.scores.items():
+        for agent in spec.agents:
+            from visa.registry import agent_class
+
+            missing = agent_class(agent.agent_type).missing_requirements()
+            if missing:
+                problems.append(f"{score}.{agent.name} needs {', '.join(missing)}")
+    if problems:
+        raise RecipeError(f"recipe '{recipe.name}' cannot run here: " + "; ".join(problems))
+
+
+def score(
+    recipe: Recipe,
+    data: Path,
+    run_dir: Path,
+    *,
+    image_root: Path | None = None,
+    workers: int = 1,
+    executor: Any = None,
+    progress: RunProgress | None = None,
+) -> dict[str, Any]:
+    """Score ``data`` with ``recipe`` into ``run_dir``; returns the run record (also in run.json)."""
+    started = time.perf_counter()
+    progress = progress or RunProgress(None)
+    if recipe.execution.hf_offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    check_runnable(recipe)
+    inp = open_input(data)
+    data = Path(data).resolve()
+    root = Path(image_root).resolve() if image_root else (data if data.is_dir() else data.parent)
+    run_dir = Path(run_dir)
+    work = WorkDir(run_dir)
+    work.claim(
+        {
+            "input": str(data),
+            "input_fingerprint": inp.fingerprint(),
+            "image_root": str(root),
+            "shard_size": recipe.execution.shard_size,
+        }
+    )
+
+    counting = _CountingIds(inp, progress)
+    duplicates = duplicate_ids(counting)  # type: ignore[arg-type]
+    progress.start_records(counting.count)
+
+    if executor is None:
+        from visa.executors.local import LocalExecutor
+
+        executor = LocalExecutor(workers)
+    tally = _Tally()
+
+    def on_shard(stats: ShardStats) -> None:
+        tally.add(stats)
+        progress.records(stats.records)
+
+    scoring_started = time.perf_counter()
+    executor.run(recipe, inp.iter_raw(), root, run_dir, duplicates, on_shard, progress.items)
+    scoring_seconds = time.perf_counter() - scoring_started
+
+    planned, decode = plan_agents(recipe)
+    assemble_started = time.perf_counter()
+    table = assemble(work, tally.shards, planned, decode["fingerprint"])
+    families: dict[str, list[str]] = {}
+    for p in planned:
+        if p.bound.score not in IMAGE_LEVEL_NON_SCORES and "score" in p.agent.all_outputs():
+            families.setdefault(p.bound.score, []).append(p.column)
+    shapley: dict[str, Any] = {}
+    if families:
+        from visa.fusion import fuse_scores
+
+        table, shapley = fuse_scores(table, families)
+    scores_path = run_dir / "scores.parquet"
+    atomic_write_table(scores_path, table)
+    assemble_seconds = time.perf_counter() - assemble_started
+
+    markers = work.shard_markers()
+    malformed_lines = sorted(line for m in markers for line in m["malformed_lines"])
+    errors = Counter(k for k in table.column("error_kind").to_pylist() if k is not None)
+    ok = table.filter(pc.is_null(table.column("error")))
+    keys = {k for ks in table.column("image_keys").to_pylist() for k in ks or ()}
+    record = {
+        "visa_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "python": platform.python_version(),
+        "packages": _package_versions(),
+        "run_dir": str(run_dir),
+        "input": {"path": str(data), "format": inp.format, "fingerprint": inp.fingerprint(), "image_root": str(root)},
+        "recipe": recipe.model_dump(mode="json"),
+        "agents": [
+            {
+                "column": p.column,
+                "score": p.bound.score,
+                "name": p.bound.name,
+                "type": type(p.agent).__name__,
+                "unit": str(p.agent.unit),
+                "fingerprint": p.fingerprint,
+                "identity": p.identity,
+                "models": p.agent.models(),
+            }
+            for p in planned
+        ],
+        "counts": {
+            "records": table.num_rows,
+            "ok": ok.num_rows,
+            "unique_images": len(keys),
+            "text_only": sum(1 for ks in ok.column("image_keys").to_pylist() if not ks),
+            "errors": dict(sorted(errors.items())),
+            "malformed": len(malformed_lines),
+            "malformed_lines": malformed_lines[:1000],
+        },
+        "shards": {"total": tally.shards, "resumed": tally.resumed, "size": recipe.execution.shard_size},
+        "timings": {
+            "agents": {
+                column: {"items": s.items, "errors": s.errors, "seconds": round(s.seconds, 3)}
+                for column, s in tally.agents.items()
+            },
+            "scoring_seconds": round(scoring_seconds, 3),
+            "assemble_seconds": round(assemble_seconds, 3),
+            "total_seconds": round(time.perf_counter() - started, 3),
+        },
+        "shapley": shapley,
+        "outputs": {"scores": str(scores_path)},
+    }
+    atomic_write_json(run_dir / "run.json", record)
+    return record
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions

@@ -1,0 +1,58 @@
+"""Small agents used by the executor tests (importable as ``agents_for_tests:Name`` in recipes)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from visa.agents.base import Agent, AgentParams, Unit
+
+
+class MeanBrightness(Agent):
+    """Mean grey level; sleeps ``delay_s`` per image so tests can interrupt a run mid-way."""
+
+    unit = Unit.IMAGE
+
+    class Params(AgentParams):
+        delay_s: float = 0.0
+        scale: float = 1.0
+        fail_on_dark: bool = False
+
+    def score_batch(self, items):
+        out = []
+        for item in items:
+            time.sleep(self.params.delay_s)
+            value = float(np.asarray(item.image.convert("L")).mean()) * self.params.scale
+            if self.params.fail_on_dark and value < 60:
+                raise ValueError("too dark to score")  # raised for the whole batch: the executor isolates it
+            out.append({"score": value})
+        _count_call(len(items))
+        return out
+
+
+class AnswerLength(Agent):
+    """Words in the assistant turns, plus the upstream brightness seen through ``needs``."""
+
+    unit = Unit.SAMPLE
+    uses_images = False
+    needs = ("light.mean",)
+    outputs = {"score": pa.float64(), "seen_brightness": pa.float64()}
+
+    def score_batch(self, items):
+        return [
+            {
+                "score": float(sum(len(t.text.split()) for t in item.turns if t.role == "assistant")),
+                "seen_brightness": item.context["light.mean"],
+            }
+            for item in items
+        ]
+
+
+def _count_call(n: int) -> None:
+    path = os.environ.get("VISA_TEST_CALL_LOG")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(f"{n}\n")

@@ -1,0 +1,252 @@
+"""End-to-end scoring through the local executor: one row per record, errors isolated, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from visa.recipe import Recipe, load_recipe
+from visa.scoring import score
+from visa.store import WorkDirMismatch
+
+TESTS = Path(__file__).resolve().parent
+
+
+def write_recipe(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path
+
+
+def light_recipe(tmp_path: Path, *, delay: float = 0.0, scale: float = 1.0, shard_size: int = 4,
+                 fail_on_dark: bool = False, with_sample_agent: bool = False) -> Recipe:
+    sample = (
+        "  words:\n    agents:\n      - {name: answer, type: 'agents_for_tests:AnswerLength'}\n"
+        if with_sample_agent else ""
+    )
+    body = f"""
+name: light
+execution: {{shard_size: {shard_size}}}
+scores:
+  image:
+    agents:
+      - {{name: stats, type: image_stats}}
+  light:
+    agents:
+      - name: mean
+        type: 'agents_for_tests:MeanBrightness'
+        params: {{delay_s: {delay}, scale: {scale}, fail_on_dark: {str(fail_on_dark).lower()}, batch_size: 4}}
+{sample}"""
+    return load_recipe(write_recipe(tmp_path / "light.yaml", body))
+
+
+def make_dataset(folder: Path, n_images: int, per_image: int = 2) -> Path:
+    """Real-photo-free synthetic set: gradient images, several samples per image, one text-only."""
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n_images):
+        Image.linear_gradient("L").resize((64 + i, 48)).point(lambda v, i=i: (v + 13 * i) % 256).convert(
+            "RGB"
+        ).save(folder / "img" / f"{i}.png")
+        for j in range(per_image):
+            records.append(
+                {"id": f"s{i}-{j}", "image": f"img/{i}.png",
+                 "conversations": [{"from": "human", "value": "<image>\nDescribe."},
+                                   {"from": "gpt", "value": "word " * (j + 1)}]}
+            )
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]})
+    path = folder / "data.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def table_of(run_dir: Path) -> list[dict]:
+    return pq.read_table(run_dir / "scores.parquet").to_pylist()
+
+
+def test_examples_one_row_per_record(tmp_path, examples):
+    record = score(load_recipe("embedded"), examples / "llava.json", tmp_path / "run")
+    rows = table_of(tmp_path / "run")
+    raw = json.loads((examples / "llava.json").read_text())
+    assert [r["row"] for r in rows] == list(range(len(raw)))
+    assert [r["sample_id"] for r in rows] == [str(r["id"]) for r in raw]
+    assert record["counts"]["records"] == len(raw)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["recipe"]["name"] == "embedded" and run["counts"]["records"] == len(raw)
+    for r, source in zip(rows, raw, strict=True):
+        if "image" not in source:  # text-only: no image score, no error
+            assert r["error"] is None and r["image_key"] is None and r["image.stats"] is None
+        else:
+            assert r["error"] is None and r["image_key"] and r["image.stats"] > 0
+
+
+def test_shared_image_scored_once_and_joined_to_every_sample(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "d", n_images=5, per_image=3)
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("VISA_TEST_CALL_LOG", str(log))
+    score(light_recipe(tmp_path), data, tmp_path / "run")
+    assert sum(int(x) for x in log.read_text().split()) == 5  # 5 unique images, 15 image samples
+    rows = table_of(tmp_path / "run")
+    by_image: dict[str, set] = {}
+    for r in rows[:-1]:
+        by_image.setdefault(r["image_key"], set()).add(r["light.mean"])
+    assert len(by_image) == 5 and all(len(v) == 1 for v in by_image.values())
+    assert rows[-1]["light.mean"] is None and rows[-1]["error"] is None
+
+
+def test_failing_item_becomes_error_row_without_costing_its_batch(tmp_path):
+    data = make_dataset(tmp_path / "d", n_images=1, per_image=1)
+    Image.new("RGB", (40, 40), (5, 5, 5)).save(tmp_path / "d" / "img" / "dark.png")
+    records = json.loads(data.read_text())
+    records.insert(0, {"id": "dark", "image": "img/dark.png",
+                       "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "dark"}]})
+    data.write_text(json.dumps(records))
+    score(light_recipe(tmp_path, fail_on_dark=True), data, tmp_path / "run")
+    rows = {r["sample_id"]: r for r in table_of(tmp_path / "run")}
+    assert rows["dark"]["error_kind"] == "agent"
+    assert "light.mean" in rows["dark"]["error"] and "too dark" in rows["dark"]["error"]
+    assert rows["dark"]["image.stats"] is not None  # the other agent still scored it
+    assert rows["s0-0"]["error"] is None and rows["s0-0"]["light.mean"] > 0
+
+
+def test_sample_agent_reads_upstream_image_agent(tmp_path):
+    data = make_dataset(tmp_path / "d", n_images=3, per_image=2)
+    score(light_recipe(tmp_path, with_sample_agent=True), data, tmp_path / "run")
+    rows = table_of(tmp_path / "run")
+    for r in rows[:-1]:
+        assert r["words.answer.seen_brightness"] == pytest.approx(r["light.mean"])
+    assert [r["words.answer"] for r in rows[:2]] == [1.0, 2.0]
+    assert rows[-1]["words.answer"] == 1.0 and rows[-1]["words.answer.seen_brightness"] is None
+
+
+def test_changing_one_agent_recomputes_only_that_agent(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "d", n_images=4, per_image=1)
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("VISA_TEST_CALL_LOG", str(log))
+    first = score(light_recipe(tmp_path, scale=1.0), data, tmp_path / "run")
+    assert first["timings"]["agents"]["image.stats"]["items"] == 4
+    log.write_text("")
+    again = score(light_recipe(tmp_path, scale=1.0), data, tmp_path / "run")
+    assert again["shards"]["resumed"] == again["shards"]["total"] and log.read_text() == ""
+    before = {r["sample_id"]: r for r in table_of(tmp_path / "run")}
+    changed = score(light_recipe(tmp_path, scale=2.0), data, tmp_path / "run")
+    assert "image.stats" not in changed["timings"]["agents"]  # reused from the store
+    assert changed["timings"]["agents"]["light.mean"]["items"] == 4
+    after = {r["sample_id"]: r for r in table_of(tmp_path / "run")}
+    for sid, row in after.items():
+        assert row["image.stats"] == before[sid]["image.stats"]
+        if row["light.mean"] is not None:
+            assert row["light.mean"] == pytest.approx(2 * before[sid]["light.mean"])
+
+
+def test_workers_give_the_same_table(tmp_path):
+    data = make_dataset(tmp_path / "d", n_images=6, per_image=2)
+    recipe = load_recipe("embedded").model_copy(update={"execution": light_recipe(tmp_path).execution})
+    score(recipe, data, tmp_path / "one")
+    score(recipe, data, tmp_path / "two", workers=2)
+    assert table_of(tmp_path / "one") == table_of(tmp_path / "two")
+
+
+def test_changed_input_is_refused(tmp_path):
+    data = make_dataset(tmp_path / "d", n_images=2)
+    score(load_recipe("embedded"), data, tmp_path / "run")
+    time.sleep(0.01)
+    data.write_text(data.read_text().replace("Describe", "Explain"))
+    with pytest.raises(WorkDirMismatch, match="different input"):
+        score(load_recipe("embedded"), data, tmp_path / "run")
+
+
+def _visa(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "visa.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw
+    )
+
+
+def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path):
+    data = make_dataset(tmp_path / "d", n_images=12, per_image=2)
+    recipe = write_recipe(
+        tmp_path / "slow.yaml",
+        """
+execution: {shard_size: 3}
+scores:
+  image:
+    agents: [{name: stats, type: image_stats}]
+  light:
+    agents: [{name: mean, type: 'agents_for_tests:MeanBrightness', params: {delay_s: 0.15, batch_size: 1}}]
+""",
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    run = tmp_path / "killed"
+    proc = _visa("score", "--recipe", str(recipe), "--data", str(data), "--out", str(run), env=env)
+    markers = run / "work" / "samples"
+    deadline = time.time() + 60
+    while len(list(markers.glob("*.done"))) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(markers.glob("*.done")))
+    assert 2 <= done_before < 9, "the run must be interrupted mid-way for this test to mean anything"
+    assert not (run / "scores.parquet").exists()
+
+    rerun = _visa("score", "--recipe", str(recipe), "--data", str(data), "--out", str(run), env=env)
+    assert rerun.wait(timeout=120) == 0, rerun.stderr.read().decode()
+    record = json.loads((run / "run.json").read_text())
+    assert record["shards"]["resumed"] >= done_before
+
+    clean = tmp_path / "clean"
+    full = _visa("score", "--recipe", str(recipe), "--data", str(data), "--out", str(clean), env=env)
+    assert full.wait(timeout=120) == 0, full.stderr.read().decode()
+    assert table_of(run) == table_of(clean)
+    leftovers = [p for p in run.rglob("*.tmp")]
+    assert leftovers == [] or all(p.stat().st_size >= 0 for p in leftovers)
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, examples):
+    cases = [
+        (["score", "--recipe", "embeded", "--data", str(examples / "llava.json"), "--out", str(tmp_path / "a")],
+         "did you mean 'embedded'"),
+        (["score", "--recipe", "embedded", "--data", str(tmp_path / "nope.json"), "--out", str(tmp_path / "b")],
+         "input not found"),
+    ]
+    bad_field = write_recipe(tmp_path / "bad.yaml", "scores: {}\nexecutoin: {}\n")
+    cases.append(
+        (["score", "--recipe", str(bad_field), "--data", str(examples / "llava.json"), "--out", str(tmp_path / "c")],
+         "unknown field 'executoin' (did you mean 'execution'?)")
+    )
+    for args, expected in cases:
+        proc = _visa(*args)
+        assert proc.wait(timeout=60) == 2
+        err = proc.stderr.read().decode()
+        assert expected in err and "Traceback" not in err, err
+
+
+def test_hostile_corpus_errors_exactly_the_bad_records(tmp_path):
+    hostile = pytest.importorskip("hostile")
+    data, expected = hostile.build_hostile_corpus(tmp_path / "h")
+    proc = _visa("score", "--recipe", "embedded", "--data", str(data), "--out", str(tmp_path / "run"))
+    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+    rows = table_of(tmp_path / "run")
+    lines = [line for line in data.read_text().splitlines() if line.strip()]
+    assert len(rows) == len(lines)  # one row per input record, the malformed line included
+    by_id = {r["sample_id"]: r for r in rows}
+    for record_id, kind in expected.items():
+        row = by_id[record_id]
+        assert row["error_kind"] == kind, (record_id, row["error"])
+        if kind is None:
+            assert row["image.stats"] is not None
+        else:
+            assert row["error"] and len(row["error"]) > len(kind) + 2
+    malformed = [r for r in rows if r["error_kind"] == "malformed"]
+    assert len(malformed) == 1 and malformed[0]["sample_id"].startswith("row:")
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["counts"]["malformed"] == 1 and run["counts"]["malformed_lines"] == [malformed[0]["line"]]
+    shutil.rmtree(tmp_path / "h")
