@@ -131,14 +131,16 @@ def score(
     assemble_started = time.perf_counter()
     table = assemble(work, tally.shards, planned, decode["fingerprint"])
     families: dict[str, list[str]] = {}
+    units: dict[str, str] = {}
     for p in planned:
         if p.bound.score not in IMAGE_LEVEL_NON_SCORES and "score" in p.agent.all_outputs():
             families.setdefault(p.bound.score, []).append(p.column)
+            units[p.bound.score] = str(p.agent.unit)
     shapley: dict[str, Any] = {}
     if families:
         from visa.fusion import fuse_scores
 
-        table, shapley = fuse_scores(table, families)
+        table, shapley = fuse_scores(table, families, units=units)
     scores_path = run_dir / "scores.parquet"
     atomic_write_table(scores_path, table)
     assemble_seconds = time.perf_counter() - assemble_started
