@@ -1,0 +1,341 @@
+"""Multimodal LLMs through vLLM's offline engine (``pip install 'visa[vllm]'``).
+
+The same request semantics as :mod:`visa.backends.transformers_vlm`, at serving speed:
+
+- **Generation** (DP judge): greedy (temperature 0), one ``SamplingParams`` per request. Automatic
+  prefix caching is on by default, so the long DP prompt (system prompt + few-shot examples with
+  their images) is computed once and reused by every image.
+- **Answer log-probs** (PT, IM): ``prompt_logprobs=0`` returns, for every prompt token, the
+  log-probability of that token given what precedes it; ``max_tokens=1`` (vLLM must generate
+  something). vLLM computes prompt log-probs without prefix-cache hits, so PT/IM requests pay full
+  prefill.
+
+Prompts are built by pure functions (no vLLM needed; unit-tested): the checkpoint's chat template
+renders the conversation with image placeholders, :mod:`visa.backends.chat_spans` finds the answer
+spans, and the local tokenizer's offsets turn them into token indices. vLLM then expands each image
+placeholder into many tokens; since every image sits before the first answer, the answers are in the
+tail that vLLM leaves untouched. :func:`answer_logprobs_from_output` aligns that tail between our
+tokenisation and vLLM's ``prompt_token_ids`` and checks it token by token, so a mismatch is an error
+for that request, never a silently shifted score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import Field
+
+from visa.agents.base import MissingDependency
+from visa.backends.base import (
+    AnswerLogprobsRequest,
+    AnswerLogprobsResult,
+    Backend,
+    GenerateRequest,
+    GenerateResult,
+)
+from visa.backends.chat_spans import SpanError, render_with_spans, token_indices
+from visa.backends.families import (
+    Family,
+    chat_messages,
+    check_teacher_forced,
+    first_user_index,
+    fit_pixels,
+    load_processor,
+    model_type_of,
+    resolve_family,
+)
+from visa.backends.registry import BackendParams
+from visa.backends.transformers_vlm import run_isolated
+
+Render = Callable[..., str]
+
+
+class AlignmentError(RuntimeError):
+    """vLLM's prompt tokens do not match the local tokenisation where the answers are."""
+
+
+@dataclass(frozen=True, slots=True)
+class VLLMPrompt:
+    """One engine input and, for teacher forcing, where its answers are.
+
+    ``token_ids`` is the local tokenisation of ``prompt`` (image placeholders not expanded);
+    ``answers`` holds, per assistant turn, the indices of its tokens in ``token_ids``.
+    """
+
+    prompt: str
+    images: tuple[Image.Image, ...] = ()
+    token_ids: tuple[int, ...] = ()
+    answers: tuple[tuple[int, ...], ...] = field(default_factory=tuple)
+
+    def engine_input(self) -> dict[str, Any]:
+        """The ``PromptType`` dict vLLM's ``LLM.generate`` takes."""
+        if self.images:
+            return {"prompt": self.prompt, "multi_modal_data": {"image": list(self.images)}}
+        return {"prompt": self.prompt}
+
+
+def _placeholders(processor: Any) -> tuple[str, ...]:
+    return tuple(
+        t for t in (getattr(processor, "image_token", None), getattr(processor, "video_token", None)) if t
+    )
+
+
+def build_logprobs_prompt(
+    request: AnswerLogprobsRequest,
+    render: Render,
+    tokenizer: Any,
+    *,
+    placeholders: Sequence[str] = (),
+    max_image_pixels: int | None = None,
+) -> VLLMPrompt:
+    """The engine input of a teacher-forced request and its answer token indices.
+
+    ``render(messages, **kwargs)`` renders chat-template messages to text (the checkpoint's
+    processor's ``apply_chat_template(..., tokenize=False)``); ``tokenizer`` is a fast tokenizer.
+    """
+    roles = [turn.role for turn in request.turns]
+    check_teacher_forced(roles)
+    image_turn = first_user_index(roles) if request.images else -1
+    messages = chat_messages(
+        [
+            (t.role, t.text, len(request.images) if i == image_turn else 0)
+            for i, t in enumerate(request.turns)
+        ],
+        placeholders,
+    )
+    rendered = render_with_spans(render, messages)
+    spans = rendered.spans_of(roles)
+    encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    answers = token_indices(encoding["offset_mapping"], spans)
+    for k, tokens in enumerate(answers):
+        if not tokens and spans[k][1] > spans[k][0]:
+            raise SpanError(f"assistant answer {k} has no tokens")
+    return VLLMPrompt(
+        prompt=rendered.text,
+        images=tuple(fit_pixels(image, max_image_pixels) for image in request.images),
+        token_ids=tuple(encoding["input_ids"]),
+        answers=tuple(tuple(t) for t in answers),
+    )
+
+
+def build_generate_prompt(
+    request: GenerateRequest,
+    render: Render,
+    *,
+    placeholders: Sequence[str] = (),
+    max_image_pixels: int | None = None,
+) -> VLLMPrompt:
+    """The engine input of a generation request: the rendered chat with the generation prompt."""
+    if not request.messages:
+        raise ValueError("a generate request needs at least one message")
+    if request.max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    messages = chat_messages([(m.role, m.text, len(m.images)) for m in request.messages], placeholders)
+    return VLLMPrompt(
+        prompt=render(messages, add_generation_prompt=True),
+        images=tuple(fit_pixels(image, max_image_pixels) for m in request.messages for image in m.images),
+    )
+
+
+def _logprob_value(entry: Any) -> float:
+    """A vLLM ``Logprob`` object, a ``{"logprob": x}`` dict, or a bare number."""
+    if isinstance(entry, dict):
+        entry = entry["logprob"]
+    return float(getattr(entry, "logprob", entry))
+
+
+def answer_logprobs_from_output(
+    prompt: VLLMPrompt, prompt_token_ids: Sequence[int], prompt_logprobs: Sequence[Any]
+) -> AnswerLogprobsResult:
+    """Per-turn answer log-probs from vLLM's ``prompt_token_ids`` and ``prompt_logprobs``.
+
+    ``prompt_logprobs[j]`` maps token ids to log-probs at prompt position ``j`` (None at 0); the
+    entry of the actual prompt token is used. The answer tokens are located by aligning the tail of
+    the prompt (from the first answer token on) between the local tokenisation and vLLM's.
+    """
+    ours = list(prompt.token_ids)
+    theirs = list(prompt_token_ids)
+    if len(prompt_logprobs) != len(theirs):
+        raise AlignmentError(f"{len(prompt_logprobs)} prompt log-probs for {len(theirs)} prompt tokens")
+    scored = [i for turn in prompt.answers for i in turn]
+    if not scored:
+        return AnswerLogprobsResult(per_turn=tuple(np.zeros(0, dtype=np.float32) for _ in prompt.answers))
+    shift = len(theirs) - len(ours)
+    first = min(scored)
+    if shift < 0 or first + shift < 1 or ours[first:] != theirs[first + shift :]:
+        raise AlignmentError(
+            "vLLM tokenised the prompt differently from the local tokenizer after the images; "
+            "check that the engine and the backend use the same tokenizer and chat template"
+        )
+    per_turn = []
+    for turn in prompt.answers:
+        values = []
+        for i in turn:
+            j = i + shift
+            entry = prompt_logprobs[j]
+            if entry is None or theirs[j] not in entry:
+                raise AlignmentError(f"no log-prob for prompt token {j}")
+            values.append(_logprob_value(entry[theirs[j]]))
+        per_turn.append(np.asarray(values, dtype=np.float32))
+    return AnswerLogprobsResult(per_turn=tuple(per_turn))
+
+
+class VLLMBackend(Backend):
+    """A multimodal chat model served in-process by vLLM (see the module docstring)."""
+
+    class Params(BackendParams):
+        model: str = Field(description="hub id or local directory of the checkpoint")
+        revision: str | None = None
+        family: str = "auto"
+        dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+        #: e.g. ``awq``, ``gptq`` for the quantised 72B/78B reference models (None: from the checkpoint).
+        quantization: str | None = None
+        tensor_parallel_size: int = Field(1, ge=1)
+        gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+        max_model_len: int | None = Field(None, ge=1)
+        enable_prefix_caching: bool = True
+        #: Most images one prompt may carry (the DP prompt has one per few-shot example + 1).
+        max_images_per_prompt: int = Field(8, ge=1)
+        #: Passed to the model's processor inside vLLM (e.g. ``{"max_pixels": 1003520}`` for Qwen2-VL).
+        mm_processor_kwargs: dict[str, Any] = Field(default_factory=dict)
+        max_image_pixels: int | None = Field(4096 * 28 * 28, ge=28 * 28)
+        #: Requests per ``LLM.generate`` call (vLLM schedules within a call).
+        chunk_size: int = Field(256, ge=1)
+        seed: int = 0
+        trust_remote_code: bool = False
+
+    def __init__(self, params: Params):
+        self.params = params
+        self.llm: Any = None
+        self.processor: Any = None
+        self.family: Family | None = None
+        self._sampling: Any = None
+
+    def setup(self) -> None:
+        try:
+            import vllm
+        except ImportError as error:
+            raise MissingDependency("vllm", "vllm", "the vllm backend") from error
+        p = self.params
+        self.family = resolve_family(
+            p.family, model_type_of(p.model, revision=p.revision, trust_remote_code=p.trust_remote_code)
+        )
+        self.processor = load_processor(
+            p.model, self.family, revision=p.revision, trust_remote_code=p.trust_remote_code
+        )
+        kwargs: dict[str, Any] = {
+            "model": p.model,
+            "revision": p.revision,
+            "dtype": p.dtype,
+            "tensor_parallel_size": p.tensor_parallel_size,
+            "gpu_memory_utilization": p.gpu_memory_utilization,
+            "enable_prefix_caching": p.enable_prefix_caching,
+            "limit_mm_per_prompt": {"image": p.max_images_per_prompt},
+            "seed": p.seed,
+            "trust_remote_code": p.trust_remote_code,
+        }
+        if p.max_model_len:
+            kwargs["max_model_len"] = p.max_model_len
+        if p.quantization:
+            kwargs["quantization"] = p.quantization
+        if p.mm_processor_kwargs:
+            kwargs["mm_processor_kwargs"] = dict(p.mm_processor_kwargs)
+        self.llm = vllm.LLM(**kwargs)
+        self._sampling = vllm.SamplingParams
+
+    def teardown(self) -> None:
+        self.llm = None
+
+    def models(self) -> dict[str, str]:
+        return {self.params.model: self.params.revision or "unpinned"}
+
+    def _render(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, **kwargs)
+
+    def _require_setup(self) -> None:
+        if self.llm is None:
+            raise RuntimeError("VLLMBackend.setup() must be called before use")
+
+    def _run(
+        self, prompts: list[VLLMPrompt | Exception], params: list[Any], read: Callable[[VLLMPrompt, Any], Any]
+    ) -> list[Any]:
+        results: list[Any] = list(prompts)
+        ready = [i for i, prompt in enumerate(prompts) if isinstance(prompt, VLLMPrompt)]
+        for start in range(0, len(ready), self.params.chunk_size):
+            chunk = ready[start : start + self.params.chunk_size]
+
+            def run_batch(indices: list[int]) -> list[Any]:
+                outputs = self.llm.generate(
+                    [prompts[i].engine_input() for i in indices],  # type: ignore[union-attr]
+                    [params[i] for i in indices],
+                    use_tqdm=False,
+                )
+                return [_read_safely(read, prompts[i], out) for i, out in zip(indices, outputs, strict=True)]
+
+            for i, result in zip(chunk, run_isolated(chunk, run_batch), strict=True):
+                results[i] = result
+        return results
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult | Exception]:
+        self._require_setup()
+        placeholders = _placeholders(self.processor)
+        prompts: list[VLLMPrompt | Exception] = []
+        params = []
+        for request in requests:
+            try:
+                prompts.append(
+                    build_generate_prompt(
+                        request,
+                        self._render,
+                        placeholders=placeholders,
+                        max_image_pixels=self.params.max_image_pixels,
+                    )
+                )
+            except Exception as error:  # noqa: BLE001
+                prompts.append(error)
+            params.append(
+                self._sampling(
+                    temperature=0.0, max_tokens=max(1, request.max_new_tokens), seed=self.params.seed
+                )
+            )
+        return self._run(prompts, params, lambda prompt, out: GenerateResult(text=out.outputs[0].text))
+
+    def answer_logprobs(
+        self, requests: Sequence[AnswerLogprobsRequest]
+    ) -> list[AnswerLogprobsResult | Exception]:
+        self._require_setup()
+        placeholders = _placeholders(self.processor)
+        tokenizer = self.processor.tokenizer
+        prompts: list[VLLMPrompt | Exception] = []
+        for request in requests:
+            try:
+                prompts.append(
+                    build_logprobs_prompt(
+                        request,
+                        self._render,
+                        tokenizer,
+                        placeholders=placeholders,
+                        max_image_pixels=self.params.max_image_pixels,
+                    )
+                )
+            except Exception as error:  # noqa: BLE001
+                prompts.append(error)
+        sampling = self._sampling(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+        return self._run(
+            prompts,
+            [sampling] * len(prompts),
+            lambda prompt, out: answer_logprobs_from_output(
+                prompt, out.prompt_token_ids, out.prompt_logprobs
+            ),
+        )
+
+
+def _read_safely(read: Callable[[VLLMPrompt, Any], Any], prompt: VLLMPrompt, output: Any) -> Any:
+    try:
+        return read(prompt, output)
+    except Exception as error:  # noqa: BLE001 - a bad output fails its request only
+        return error
