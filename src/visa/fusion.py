@@ -1,0 +1,402 @@
+"""Shapley fusion of the agents that measure one score.
+
+For a score family (e.g. ``sc`` measured by ``sc.felzenszwalb`` and ``sc.ocr_text``) the agents are
+players in a cooperative game whose value function is
+
+    v(S) = Pearson(mean of the z-scored agents in S, mean of all z-scored agents),   v(empty) = 0.
+
+Each agent's Shapley value ``phi_j`` measures how much it contributes to the consensus; its weight is
+``w_j = phi_j / sum(phi)`` (``sum(phi) = v(all) = 1`` by efficiency) and the fused score of a row is
+``sum_j w_j * z_j``.
+
+Choices made here (METHOD.md "Fusion", marked "our choice" there):
+
+* **Calibration set.** Weights and standardisation come from a calibration sample of at most
+  ``calibration_size`` (default 1000) rows drawn uniformly at random with a fixed ``seed`` among rows
+  with no error on which every usable agent of the family has a value. Image-level families
+  (``sc``, ``oa``, ``dp`` by default) are calibrated over **unique images** (the first error-free row
+  of each ``image_key``), so an image shared by many samples counts once.
+* **Standardisation.** Each agent is z-scored with the mean and standard deviation (ddof=1) of its
+  values on the calibration sample; the same transform is applied to every row. With z-scored
+  agents the covariance matrix on the calibration sample is their Pearson matrix ``R``, and every
+  ``v(S)`` follows from ``R`` alone: ``v(S) = 1_S' R 1 / sqrt(1_S' R 1_S * 1' R 1)``.
+* **Exact or sampled.** Exact enumeration of all subsets for up to ``exact_max_agents`` (12) agents;
+  beyond that Monte Carlo permutation sampling (``permutations`` draws, fixed seed) with the
+  standard error of every weight reported.
+* **Degenerate agents.** An agent with no value on any error-free row ("all null") or with a single
+  distinct value ("constant") gets weight 0 and is listed under ``excluded``; the game is played by
+  the others. A family with one usable agent gives it weight 1.
+* **Nulls at fusion time.** A row on which some agents are null is fused over the agents it has,
+  with their weights renormalised to sum to 1 (``sum_j w_j z_j / sum_j w_j`` over available ``j``). A
+  row with no usable agent, or whose available weights sum to <= 0 (possible only with negative
+  Shapley values), gets a null fused score.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+#: Families scored once per unique image unless told otherwise.
+IMAGE_FAMILIES = frozenset({"sc", "oa", "dp"})
+#: Column prefixes that look like ``<family>.<agent>`` but are not scores.
+NOT_SCORES = frozenset({"meta", "image"})
+EXACT_MAX_AGENTS = 12
+DEFAULT_PERMUTATIONS = 2000
+
+_AGENT_COLUMN = re.compile(r"^([a-z][a-z0-9_]*)\.([a-z][a-z0-9_]*)$")
+
+
+class FusionError(ValueError):
+    """Fusion cannot run on this input; the message is one clear line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapley values of the Pearson game
+# ---------------------------------------------------------------------------------------------
+def _values_of_masks(masks: np.ndarray, corr: np.ndarray) -> np.ndarray:
+    """v(S) for every row of ``masks`` (k x n, 0/1) under the Pearson game on ``corr``."""
+    total = float(corr.sum())
+    num = masks @ corr.sum(axis=1)
+    var = np.einsum("si,ij,sj->s", masks, corr, masks)
+    out = np.zeros(len(masks))
+    ok = (var > 1e-12 * max(abs(total), 1.0)) & (total > 0)
+    out[ok] = num[ok] / np.sqrt(var[ok] * total)
+    return out
+
+
+def shapley_exact(corr: np.ndarray) -> np.ndarray:
+    """Exact Shapley values of the Pearson game over the agents of correlation matrix ``corr``."""
+    n = corr.shape[0]
+    if n == 0:
+        return np.zeros(0)
+    ids = np.arange(1 << n)
+    masks = ((ids[:, None] >> np.arange(n)) & 1).astype(np.float64)
+    v = _values_of_masks(masks, corr)
+    sizes = masks.sum(axis=1).astype(int)
+    # weight of a coalition S (not containing j) of size s: s! (n - s - 1)! / n!
+    coef = np.array([math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n) for s in range(n)])
+    phi = np.empty(n)
+    for j in range(n):
+        without = ids[(ids >> j) & 1 == 0]
+        phi[j] = float(np.sum(coef[sizes[without]] * (v[without | (1 << j)] - v[without])))
+    return phi
+
+
+def shapley_sampled(
+    corr: np.ndarray, permutations: int = DEFAULT_PERMUTATIONS, seed: int = 0, batch: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """Monte Carlo Shapley values by permutation sampling: (estimates, standard errors).
+
+    Every sampled permutation adds the agents one at a time; an agent's marginal contribution is the
+    change of v when it joins. The estimate is the mean marginal contribution over permutations and
+    its standard error is the sample standard deviation over sqrt(permutations).
+    """
+    n = corr.shape[0]
+    if permutations < 2:
+        raise FusionError("Monte Carlo Shapley needs at least 2 permutations")
+    rng = np.random.default_rng(seed)
+    total = float(corr.sum())
+    row_sums = corr.sum(axis=1)
+    sums = np.zeros(n)
+    squares = np.zeros(n)
+    done = 0
+    while done < permutations:
+        size = min(batch, permutations - done)
+        perm = np.argsort(rng.random((size, n)), axis=1)
+        num = np.cumsum(row_sums[perm], axis=1)
+        block = corr[perm[:, :, None], perm[:, None, :]]
+        var = np.diagonal(block.cumsum(axis=1).cumsum(axis=2), axis1=1, axis2=2)
+        v = np.zeros_like(num)
+        ok = (var > 1e-12 * max(abs(total), 1.0)) & (total > 0)
+        v[ok] = num[ok] / np.sqrt(var[ok] * total)
+        marginal = np.diff(v, axis=1, prepend=0.0)
+        contrib = np.zeros((size, n))
+        np.put_along_axis(contrib, perm, marginal, axis=1)
+        sums += contrib.sum(axis=0)
+        squares += (contrib**2).sum(axis=0)
+        done += size
+    mean = sums / permutations
+    var_est = np.maximum(squares / permutations - mean**2, 0.0) * permutations / (permutations - 1)
+    return mean, np.sqrt(var_est / permutations)
+
+
+# ---------------------------------------------------------------------------------------------
+# Families and calibration
+# ---------------------------------------------------------------------------------------------
+def score_families(schema: pa.Schema, exclude: Iterable[str] = NOT_SCORES) -> dict[str, list[str]]:
+    """``{family: [agent columns]}`` from column names ``<family>.<agent>`` with a numeric type."""
+    skip = set(exclude)
+    families: dict[str, list[str]] = {}
+    for field in schema:
+        match = _AGENT_COLUMN.match(field.name)
+        if not match or match.group(1) in skip:
+            continue
+        if pa.types.is_floating(field.type) or pa.types.is_integer(field.type):
+            families.setdefault(match.group(1), []).append(field.name)
+    return families
+
+
+def _as_float(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    if not (
+        pa.types.is_floating(column.type) or pa.types.is_integer(column.type) or pa.types.is_null(column.type)
+    ):
+        raise FusionError(f"score column of type {column.type} is not numeric")
+    array = column if column.type == pa.float64() else column.cast(pa.float64())
+    values = array.to_numpy() if isinstance(array, pa.ChunkedArray) else array.to_numpy(zero_copy_only=False)
+    return np.asarray(values, dtype=np.float64)
+
+
+def _error_free(table: pa.Table) -> np.ndarray:
+    if "error_kind" not in table.column_names:
+        return np.ones(table.num_rows, dtype=bool)
+    return np.asarray(pc.is_null(table.column("error_kind")).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def unique_image_rows(table: pa.Table, eligible: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
+    """Positions of the first eligible row of each distinct non-null ``image_key`` (ascending).
+
+    ``codes`` are the table's :func:`image_codes` when the caller already has them.
+    """
+    if codes is None:
+        if "image_key" not in table.column_names:
+            raise FusionError("an image-level family needs the 'image_key' column")
+        codes = image_codes(table)
+    keep = eligible & (codes >= 0)
+    positions = np.flatnonzero(keep)
+    if positions.size == 0:
+        return positions
+    first = np.full(int(codes.max()) + 1, table.num_rows, dtype=np.int64)
+    np.minimum.at(first, codes[positions], positions)
+    return np.sort(first[first < table.num_rows])
+
+
+def image_codes(table: pa.Table) -> np.ndarray:
+    """Integer code per row for ``image_key`` (first-appearance order), -1 for null."""
+    encoded = pc.dictionary_encode(table.column("image_key")).combine_chunks()
+    indices = encoded.indices.fill_null(-1)
+    return np.asarray(indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _json_float(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def fuse_family(
+    columns: Sequence[np.ndarray],
+    agents: list[str],
+    calibration_pool: np.ndarray,
+    *,
+    calibration_size: int = 1000,
+    seed: int = 0,
+    exact_max_agents: int = EXACT_MAX_AGENTS,
+    permutations: int = DEFAULT_PERMUTATIONS,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Fuse one family.
+
+    ``columns``: one float64 array per agent (NaN = null), all of the same length.
+    ``calibration_pool``: positions of the rows that may be drawn for calibration (error-free;
+    unique images for image-level families). Returns the fused score per row (NaN = null) and the
+    JSON-able report of the family.
+    """
+    n_agents = len(agents)
+    n_rows = len(columns[0]) if columns else 0
+    excluded: dict[str, str] = {}
+    usable: list[int] = []
+    for j, name in enumerate(agents):
+        pool = columns[j][calibration_pool]
+        if pool.size == 0 or np.isnan(pool).all():
+            excluded[name] = "all null"
+        elif np.nanmin(pool) == np.nanmax(pool):
+            excluded[name] = "constant"
+        else:
+            usable.append(j)
+
+    report: dict[str, Any] = {
+        "agents": list(agents),
+        "weights": {name: 0.0 for name in agents},
+        "exact": True,
+        "calibration_size": 0,
+        "calibration_pool": 0,
+        "seed": seed,
+        "pearson": [[None] * n_agents for _ in range(n_agents)],
+        "standardisation": {},
+        "excluded": excluded,
+    }
+    fused = np.full(n_rows, np.nan)
+    sample = np.zeros((0, 0))
+    complete_rows = np.zeros(0, dtype=np.int64)
+    while usable:
+        complete = np.ones(calibration_pool.size, dtype=bool)
+        for j in usable:
+            complete &= ~np.isnan(columns[j][calibration_pool])
+        complete_rows = calibration_pool[complete]
+        chosen = complete_rows
+        if chosen.size > calibration_size:
+            rng = np.random.default_rng(seed)
+            chosen = np.sort(rng.choice(chosen, size=calibration_size, replace=False))
+        sample = np.column_stack([columns[j][chosen] for j in usable])
+        if len(sample) < 2:
+            break
+        std = sample.std(axis=0, ddof=1)
+        flat = [usable[k] for k in range(len(usable)) if not std[k] > 0]
+        if not flat:
+            break
+        for j in flat:  # constant on the calibration sample: cannot be standardised
+            excluded[agents[j]] = "constant"
+        usable = [j for j in usable if j not in flat]
+    report["calibration_pool"] = int(complete_rows.size) if usable else 0
+    report["calibration_size"] = len(sample) if usable else 0
+
+    if not usable:
+        report["note"] = "no usable agent: the fused score is null"
+        return fused, report
+    if len(sample) < 2:
+        # No two rows have every usable agent: standardise each agent on its own values, equal weights.
+        mean = np.array([np.nanmean(columns[j][calibration_pool]) for j in usable])
+        std = np.array([_nanstd(columns[j][calibration_pool]) for j in usable])
+        weights = np.full(len(usable), 1.0 / len(usable))
+        report["note"] = "fewer than 2 rows where every agent has a value: equal weights"
+    else:
+        mean = sample.mean(axis=0)
+        std = sample.std(axis=0, ddof=1)
+        corr = np.atleast_2d(np.corrcoef(sample, rowvar=False)) if len(usable) > 1 else np.ones((1, 1))
+        for a, ja in enumerate(usable):
+            for b, jb in enumerate(usable):
+                report["pearson"][ja][jb] = _json_float(float(corr[a, b]))
+        if len(usable) == 1:
+            weights = np.ones(1)
+        elif len(usable) <= exact_max_agents:
+            weights = shapley_exact(corr)
+        else:
+            weights, stderr = shapley_sampled(corr, permutations=permutations, seed=seed)
+            report["exact"] = False
+            report["permutations"] = int(permutations)
+        total = float(weights.sum())
+        if not abs(total) > 1e-9:
+            weights = np.full(len(usable), 1.0 / len(usable))
+            report["note"] = "the agents cancel out (v(all) = 0): equal weights"
+        else:
+            weights = weights / total
+            if not report["exact"]:
+                report["stderr"] = {name: 0.0 for name in agents}
+                for k, j in enumerate(usable):
+                    report["stderr"][agents[j]] = float(stderr[k] / abs(total))
+
+    for k, j in enumerate(usable):
+        report["weights"][agents[j]] = float(weights[k])
+        report["standardisation"][agents[j]] = {"mean": float(mean[k]), "std": float(std[k])}
+    z_columns = [(columns[j] - mean[k]) / std[k] for k, j in enumerate(usable)]
+    fused = renormalised_sum(z_columns, weights)
+    return fused, report
+
+
+def _nanstd(values: np.ndarray) -> float:
+    present = values[~np.isnan(values)]
+    std = float(present.std(ddof=1)) if present.size > 1 else 0.0
+    return std if std > 0 else 1.0
+
+
+def renormalised_sum(columns: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """``sum_j w_j x_j / sum_j w_j`` over the non-NaN ``x_j`` of each row; NaN where that sum is <= 0."""
+    n = len(columns[0]) if columns else 0
+    numerator = np.zeros(n)
+    denominator = np.zeros(n)
+    for column, weight in zip(columns, weights):
+        if not weight:
+            continue
+        missing = np.isnan(column)
+        if missing.any():
+            numerator += np.where(missing, 0.0, column * weight)
+            denominator += np.where(missing, 0.0, weight)
+        else:
+            numerator += column * weight
+            denominator += weight
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = numerator / denominator
+    out[~(denominator > 1e-12)] = np.nan
+    return out
+
+
+def weighted_raw(table: pa.Table, report: Mapping[str, Any]) -> np.ndarray:
+    """The family's Shapley-weighted mean of the **raw** (not standardised) agent values per row.
+
+    Fused scores are sums of z-scores, so their zero is the calibration mean; a threshold with a
+    meaning in the agents' own unit (IM <= 0: the image does not help) needs this instead. Nulls and
+    renormalisation as in the fused score. Meaningful when the agents share a unit.
+    """
+    names = [name for name, weight in report["weights"].items() if weight and name in table.column_names]
+    if not names:
+        return np.full(table.num_rows, np.nan)
+    return renormalised_sum(
+        [_as_float(table.column(name)) for name in names], [report["weights"][name] for name in names]
+    )
+
+
+def fuse_scores(
+    table: pa.Table,
+    families: Mapping[str, list[str]] | None = None,
+    *,
+    units: Mapping[str, str] | None = None,
+    calibration_size: int = 1000,
+    seed: int = 0,
+    exact_max_agents: int = EXACT_MAX_AGENTS,
+    permutations: int = DEFAULT_PERMUTATIONS,
+    codes: np.ndarray | None = None,
+) -> tuple[pa.Table, dict[str, Any]]:
+    """Add one fused float64 column per score family (named after the family) to ``table``.
+
+    ``families`` maps a family to its agent columns (default: every numeric ``<family>.<agent>``
+    column except ``meta.*`` and ``image.*``). ``units`` maps a family to ``"image"`` or ``"sample"``
+    (default: ``sc``, ``oa``, ``dp`` are image-level, the rest sample-level). An existing column with
+    a family's name is replaced. ``codes`` are the table's :func:`image_codes` when the caller already
+    has them (they are computed here otherwise). Returns the table and ``{family: report}`` (JSON-able; it goes into
+    run.json under ``shapley``).
+    """
+    if calibration_size < 2:
+        raise FusionError("calibration_size must be at least 2")
+    if families is None:
+        families = score_families(table.schema)
+    units = dict(units or {})
+    eligible = _error_free(table)
+    reports: dict[str, Any] = {}
+    image_pool: np.ndarray | None = None
+    sample_pool = np.flatnonzero(eligible)
+    for family, agents in families.items():
+        missing = [a for a in agents if a not in table.column_names]
+        if missing:
+            raise FusionError(f"score family '{family}': no column {', '.join(missing)} in the table")
+        if not agents:
+            continue
+        unit = units.get(family, "image" if family in IMAGE_FAMILIES else "sample")
+        if unit not in ("image", "sample"):
+            raise FusionError(f"score family '{family}': unit must be 'image' or 'sample', not '{unit}'")
+        if unit == "image":
+            if image_pool is None:
+                image_pool = unique_image_rows(table, eligible, codes)
+            pool = image_pool
+        else:
+            pool = sample_pool
+        fused, report = fuse_family(
+            [_as_float(table.column(a)) for a in agents],
+            list(agents),
+            pool,
+            calibration_size=calibration_size,
+            seed=seed,
+            exact_max_agents=exact_max_agents,
+            permutations=permutations,
+        )
+        report = {"unit": unit, **report}
+        column = pa.array(fused, type=pa.float64(), mask=np.isnan(fused))
+        if family in table.column_names:
+            table = table.set_column(table.column_names.index(family), family, column)
+        else:
+            table = table.append_column(family, column)
+        reports[family] = report
+    return table, reports
