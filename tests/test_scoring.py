@@ -181,7 +181,7 @@ scores:
   image:
     agents: [{name: stats, type: image_stats}]
   light:
-    agents: [{name: mean, type: 'agents_for_tests:MeanBrightness', params: {delay_s: 0.15, batch_size: 1}}]
+    agents: [{name: mean, type: 'agents_for_tests:MeanBrightness', params: {delay_s: 0.25, batch_size: 1}}]
 """,
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -189,12 +189,12 @@ scores:
     proc = _visa("score", "--recipe", str(recipe), "--data", str(data), "--out", str(run), env=env)
     markers = run / "work" / "samples"
     deadline = time.time() + 60
-    while len(list(markers.glob("*.done"))) < 2 and time.time() < deadline and proc.poll() is None:
+    while len(list(markers.glob("*.done"))) < 1 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = len(list(markers.glob("*.done")))
-    assert 2 <= done_before < 9, "the run must be interrupted mid-way for this test to mean anything"
+    assert 1 <= done_before < 9, "the run must be interrupted mid-way for this test to mean anything"
     assert not (run / "scores.parquet").exists()
 
     rerun = _visa("score", "--recipe", str(recipe), "--data", str(data), "--out", str(run), env=env)
@@ -206,8 +206,6 @@ scores:
     full = _visa("score", "--recipe", str(recipe), "--data", str(data), "--out", str(clean), env=env)
     assert full.wait(timeout=120) == 0, full.stderr.read().decode()
     assert table_of(run) == table_of(clean)
-    leftovers = [p for p in run.rglob("*.tmp")]
-    assert leftovers == [] or all(p.stat().st_size >= 0 for p in leftovers)
 
 
 def test_cli_errors_are_one_clear_line(tmp_path, examples):

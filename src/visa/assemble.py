@@ -30,7 +30,7 @@ def assemble(work: WorkDir, shards: int, agents: list[PlannedAgent], decode_fp: 
     columns: dict[str, pa.Array] = {
         "row": samples.column("row"),
         "line": samples.column("line"),
-        "sample_id": samples.column("sample_id"),
+        "sample_id": _unique_ids(samples.column("sample_id").to_pylist()),
         "image_key": samples.column("image_key"),
         "image_keys": samples.column("image_keys"),
     }
@@ -82,6 +82,17 @@ def assemble(work: WorkDir, shards: int, agents: list[PlannedAgent], decode_fp: 
     columns.update(_meta_columns(samples.column("meta").to_pylist()))
     columns.update(agent_values)
     return pa.table(columns)
+
+
+def _unique_ids(ids: list[str]) -> pa.Array:
+    """Identical records without an id share a content hash: later copies get ``#<n>`` appended."""
+    seen: dict[str, int] = {}
+    out = []
+    for sid in ids:
+        n = seen.get(sid, 0)
+        seen[sid] = n + 1
+        out.append(sid if n == 0 else f"{sid}#{n + 1}")
+    return pa.array(out, pa.string())
 
 
 def _decode_kind(kind: str) -> str:
