@@ -84,6 +84,8 @@ class WorkDir:
         """Record what this folder is for; refuse a folder made for another input. True if resuming."""
         path = self.root / "state.json"
         state = {"version": STATE_VERSION, **state}
+        for stale in self.root.rglob(".*.tmp"):  # left by a writer killed mid-write
+            stale.unlink(missing_ok=True)
         if path.exists():
             previous = json.loads(path.read_text())
             if previous != state:
