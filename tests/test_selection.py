@@ -463,3 +463,22 @@ def test_bad_run_folders_and_options_are_clear_errors(tmp_path: Path):
         {"recipe": {"selection": {"budget": 10, "pt_tail": 0.1}}}, {"budget": "5%", "seed": None}
     )
     assert opts.budget == "5%" and opts.pt_tail == 0.1 and opts.seed == 0
+
+
+def test_options_accept_command_line_text():
+    opts = resolve_options(
+        {"recipe": {"selection": {"budget": 10, "im_min": 0.5, "max_per_image": 3}}},
+        {
+            "budget": "all",
+            "im_min": "off",
+            "max_per_image": "none",
+            "visual_weights": "sc=1, dp=2.5",
+            "image_keep": "0.3",
+        },
+    )
+    assert opts.budget is None and opts.im_min is None and opts.max_per_image is None
+    assert opts.visual_weights == {"sc": 1.0, "dp": 2.5} and opts.image_keep == 0.3
+    with pytest.raises(SelectionError, match="sc=1,oa=1,dp=2"):
+        resolve_options({}, {"visual_weights": "sc:1"})
+    with pytest.raises(SelectionError, match="text_only"):
+        resolve_options({}, {"text_only": "maybe"})

@@ -95,8 +95,29 @@ DATASET_INFO_FILE = "dataset_info.json"
 DATASET_NAME = "visa_selected"
 
 
+#: Strings that switch an optional setting off (``--budget all``, ``--im-min off``).
+OFF = frozenset({"off", "none", "all"})
+
+
 class SelectionError(ValueError):
     """Selection cannot run on this run folder or with these options; the message is one clear line."""
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """``"sc=1,oa=1,dp=2"`` -> ``{"sc": 1.0, "oa": 1.0, "dp": 2.0}`` (a ValueError names the bad part)."""
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, number = part.partition("=")
+        name = name.strip()
+        try:
+            if not sep or not name:
+                raise ValueError
+            weights[name] = float(number)
+        except ValueError:
+            raise ValueError(
+                f"visual weights must look like 'sc=1,oa=1,dp=2', not {part.strip()!r}"
+            ) from None
+    return weights
 
 
 class SelectionOptions(BaseModel):
@@ -154,6 +175,8 @@ class SelectionOptions(BaseModel):
             return value
         if isinstance(value, str):
             text = value.strip()
+            if text.lower() in OFF:
+                return None
             if text.endswith("%"):
                 try:
                     pct = Decimal(text[:-1].strip())
@@ -165,6 +188,16 @@ class SelectionOptions(BaseModel):
             if text.isdigit():
                 return int(text)
         raise ValueError(f"budget must be a count (80000) or a percentage ('2.5%'), not {value!r}")
+
+    @field_validator("im_min", "max_per_image", mode="before")
+    @classmethod
+    def _off(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip().lower() in OFF else value
+
+    @field_validator("visual_weights", mode="before")
+    @classmethod
+    def _weights_text(cls, value: Any) -> Any:
+        return parse_weights(value) if isinstance(value, str) else value
 
     @field_validator("visual_weights")
     @classmethod
