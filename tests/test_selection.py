@@ -482,3 +482,19 @@ def test_options_accept_command_line_text():
         resolve_options({}, {"visual_weights": "sc:1"})
     with pytest.raises(SelectionError, match="text_only"):
         resolve_options({}, {"text_only": "maybe"})
+
+
+def test_select_refuses_an_input_changed_since_scoring(tmp_path: Path):
+    readers = pytest.importorskip("visa.readers")
+    run_dir = make_run(tmp_path)
+    run = json.loads((run_dir / "run.json").read_text())
+    run["input"]["fingerprint"] = readers.open_input(run["input"]["path"]).fingerprint()
+    (run_dir / "run.json").write_text(json.dumps(run))
+    assert select(run_dir, SelectionOptions(budget=5)).subset_path is not None
+    with (tmp_path / "data.jsonl").open("a") as f:
+        f.write(json.dumps({"id": "late", "conversations": []}) + "\n")
+    (run_dir / "selection.parquet").unlink()
+    with pytest.raises(SelectionError, match="changed since it was scored"):
+        select(run_dir, SelectionOptions(budget=5))
+    assert not (run_dir / "selection.parquet").exists()  # failed before writing anything
+    assert select(run_dir, SelectionOptions(budget=5), write_records=False).subset_path is None

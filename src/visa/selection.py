@@ -54,7 +54,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -74,6 +74,9 @@ from visa.fusion import (
     unique_image_rows,
     weighted_raw,
 )
+
+if TYPE_CHECKING:
+    from visa.readers import Input
 
 REASONS = (
     "error",
@@ -738,6 +741,7 @@ def select(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     table, families, units = _read_scores(run_dir, run, options)
+    source = open_source(run) if write_records else None  # fail before writing when it cannot be copied
     timings["read"] = time.perf_counter() - started
 
     t = time.perf_counter()
@@ -775,9 +779,9 @@ def select(
     summary["outputs"] = {"selection": str(selection_path)}
 
     result = SelectionResult(selection, summary, shapley, selected_rows, selection_path=selection_path)
-    if write_records:
+    if source is not None:
         t = time.perf_counter()
-        result.subset_path = write_subset(run, selected_rows, run_dir)
+        result.subset_path = write_subset(source, selected_rows, run_dir)
         summary["outputs"]["records"] = str(result.subset_path)
         entry, entry_notes = llamafactory_entry(result.subset_path, run_dir)
         info_path = run_dir / DATASET_INFO_FILE
@@ -803,8 +807,12 @@ def select(
     return result
 
 
-def write_subset(run: Mapping[str, Any], rows: Iterable[int], out_dir: Path) -> Path:
-    """Write the input records at ``rows`` (ascending) unchanged, in the input's format, into ``out_dir``."""
+def open_source(run: Mapping[str, Any]) -> Input:
+    """The run's input, checked to be unchanged since scoring and writable in its format.
+
+    Rows are positions in the input, so copying records from an input rewritten after scoring
+    would copy the wrong ones: a fingerprint that differs from run.json's is an error.
+    """
     spec = run.get("input")
     if not isinstance(spec, Mapping) or not isinstance(spec.get("path"), str):
         raise SelectionError("run.json has no input.path: cannot write the selected records")
@@ -812,11 +820,26 @@ def write_subset(run: Mapping[str, Any], rows: Iterable[int], out_dir: Path) -> 
 
     try:
         source = open_input(spec["path"])
-        return source.write_subset((int(r) for r in rows), out_dir)
+        recorded = spec.get("fingerprint")
+        if isinstance(recorded, str) and recorded != source.fingerprint():
+            raise SelectionError(
+                f"the input {spec['path']} changed since it was scored (fingerprint differs); "
+                "re-score it, or select without writing records"
+            )
+        source.check_writable()
     except InputError as err:
         raise SelectionError(f"cannot read the input to copy the selected records: {err}") from None
-    except ImportError as err:
+    except (ImportError, OSError) as err:
         raise SelectionError(str(err)) from None
+    return source
+
+
+def write_subset(source: Input, rows: Iterable[int], out_dir: Path) -> Path:
+    """Write the input records at ``rows`` (ascending) unchanged, in the input's format, into ``out_dir``."""
+    try:
+        return source.write_subset((int(r) for r in rows), out_dir)
+    except (ImportError, OSError, ValueError) as err:
+        raise SelectionError(f"cannot write the selected records: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------
