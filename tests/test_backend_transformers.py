@@ -16,14 +16,14 @@ from PIL import Image
 pytest.importorskip("transformers")
 
 from visa.backends.base import AnswerLogprobsRequest, AnswerLogprobsResult, GenerateRequest, Message
-from visa.backends.chat_spans import SpanError
 from visa.backends.families import (
     FAMILIES,
+    AlignmentError,
     UnsupportedModel,
+    align_tail,
     chat_messages,
     clean_text,
     fit_pixels,
-    shift_spans,
     write_random_checkpoint,
 )
 from visa.backends.registry import BackendSpec, build_backend
@@ -54,6 +54,12 @@ def backend(request, tmp_path_factory):
     b.setup()
     yield b
     b.teardown()
+
+
+def _variant(backend: TransformersVLMBackend, **params) -> TransformersVLMBackend:
+    """The same loaded model behind other parameters."""
+    merged = {**backend.params.model_dump(), **params}
+    return TransformersVLMBackend.from_loaded(backend.model, backend.processor, **merged)
 
 
 def _reference(backend: TransformersVLMBackend, turns, images) -> list[np.ndarray]:
@@ -116,8 +122,7 @@ def test_image_changes_the_answer_logprobs(backend):
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_batched_equals_one_at_a_time(backend, padding_side):
-    b = TransformersVLMBackend(backend.params.model_copy(update={"padding_side": padding_side}))
-    b.model, b.processor, b.family = backend.model, backend.processor, backend.family
+    b = _variant(backend, padding_side=padding_side)
     requests = [
         AnswerLogprobsRequest(CAT, (_image(1),)),
         AnswerLogprobsRequest(SHORT, (_image(2, (40, 90)),)),
@@ -161,8 +166,7 @@ def test_failing_requests_become_exceptions_in_place(backend):
 def test_a_request_that_breaks_the_processor_fails_alone(backend):
     """A request failing inside the batched forward is isolated; its batch-mates still get results."""
     long_text = (Turn("user", "x" * 600), Turn("assistant", "ok"))
-    b = TransformersVLMBackend(backend.params.model_copy(update={"max_length": 400}))
-    b.model, b.processor, b.family = backend.model, backend.processor, backend.family
+    b = _variant(backend, max_length=400)
     results = b.answer_logprobs(
         [AnswerLogprobsRequest(SHORT), AnswerLogprobsRequest(long_text), AnswerLogprobsRequest(CAT)]
     )
@@ -252,11 +256,15 @@ def test_chat_messages_layout_and_errors():
         chat_messages([("tool", "x", 0)])
 
 
-def test_shift_spans_follows_placeholder_expansion():
-    replacements = [{"span": (5, 8), "new_span": (5, 20)}, {"span": (30, 33), "new_span": (42, 44)}]
-    assert shift_spans([(10, 15), (40, 41), (0, 4)], replacements) == [(22, 27), (51, 52), (0, 4)]
-    with pytest.raises(SpanError):
-        shift_spans([(6, 10)], replacements)
+def test_align_tail_maps_answers_past_expanded_images():
+    ours = [1, 2, 9, 3, 4, 5, 6]  # 9: one image placeholder
+    theirs = [0, 1, 2, 9, 9, 9, 9, 3, 4, 5, 6]  # BOS added, placeholder expanded to 4
+    assert align_tail(ours, theirs, [[4], [5, 6], []]) == [[8], [9, 10], []]
+    assert align_tail(ours, theirs, [[], []]) == [[], []]
+    with pytest.raises(AlignmentError):
+        align_tail(ours, [0, 1, 2, 9, 9, 3, 4, 7, 6], [[4], [5, 6]])
+    with pytest.raises(AlignmentError):
+        align_tail(ours, ours[:-1], [[4]])
 
 
 def test_fit_pixels_caps_area_and_keeps_aspect():

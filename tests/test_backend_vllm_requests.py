@@ -125,7 +125,7 @@ def test_misaligned_engine_tokens_are_an_error(family_processor):
     logprobs = [None] + [{t: -1.0} for t in theirs[1:]]
     changed = list(theirs)
     changed[-3] = (changed[-3] + 1) % 200
-    with pytest.raises(AlignmentError, match="tokenised the prompt differently"):
+    with pytest.raises(AlignmentError, match="differ from the local tokenisation"):
         answer_logprobs_from_output(prompt, changed, logprobs)
     with pytest.raises(AlignmentError, match="prompt log-probs for"):
         answer_logprobs_from_output(prompt, theirs, logprobs[:-1])

@@ -27,7 +27,7 @@ from typing import Any
 
 from PIL import Image
 
-from visa.backends.chat_spans import SpanError
+from visa.backends.chat_spans import SpanError, token_indices
 
 #: Strings that mark an image inside LLaVA/ShareGPT text; the image is attached separately.
 TEXT_IMAGE_MARKERS = ("<image>",)
@@ -157,26 +157,46 @@ def check_teacher_forced(roles: Sequence[str]) -> None:
         raise ValueError("the conversation has no assistant turn to score")
 
 
-def shift_spans(
-    spans: Sequence[tuple[int, int]], replacements: Sequence[dict[str, Any]]
-) -> list[tuple[int, int]]:
-    """Move character spans of the rendered text to the processor's expanded text.
+class AlignmentError(RuntimeError):
+    """The model's input tokens do not match the local tokenisation where the answers are."""
 
-    ``replacements`` are a processor's ``text_replacement_offsets`` for one text: each placeholder's
-    ``span`` in the rendered text and ``new_span`` in the expanded text. A placeholder inside a span
-    is an error (answers are never image positions).
+
+def answer_tokens(
+    text: str, spans: Sequence[tuple[int, int]], tokenizer: Any
+) -> tuple[list[int], list[list[int]]]:
+    """Token ids of the rendered ``text`` and, per answer span, the indices of its tokens.
+
+    Image placeholders are not expanded here: :func:`align_tail` later maps the indices onto the
+    sequence the model actually reads.
     """
-    shifted = []
-    for start, end in spans:
-        delta = 0
-        for r in replacements:
-            p_start, p_end = r["span"]
-            if p_start < end and start < p_end:
-                raise SpanError("an image placeholder lies inside an answer")
-            if p_end <= start:
-                delta += (r["new_span"][1] - r["new_span"][0]) - (p_end - p_start)
-        shifted.append((start + delta, end + delta))
-    return shifted
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    answers = token_indices(encoding["offset_mapping"], spans)
+    for k, tokens in enumerate(answers):
+        if not tokens and spans[k][1] > spans[k][0]:
+            raise SpanError(f"assistant answer {k} has no tokens")
+    return list(encoding["input_ids"]), answers
+
+
+def align_tail(
+    ours: Sequence[int], theirs: Sequence[int], answers: Sequence[Sequence[int]]
+) -> list[list[int]]:
+    """Map answer token indices from the local tokenisation (``ours``) onto the model's input (``theirs``).
+
+    The model's input differs from ours only where image placeholders were expanded into image
+    tokens (and perhaps a BOS in front). All images precede the first answer, so from the first
+    answer token on the two sequences must be identical; that is checked, token by token.
+    """
+    scored = [i for turn in answers for i in turn]
+    if not scored:
+        return [[] for _ in answers]
+    shift = len(theirs) - len(ours)
+    first = min(scored)
+    if shift < 0 or first + shift < 1 or list(ours[first:]) != list(theirs[first + shift :]):
+        raise AlignmentError(
+            "the model's input tokens differ from the local tokenisation after the images; "
+            "the engine and the backend must use the same tokenizer and chat template"
+        )
+    return [[i + shift for i in turn] for turn in answers]
 
 
 def fit_pixels(image: Image.Image, max_pixels: int | None) -> Image.Image:
@@ -324,6 +344,25 @@ def write_random_checkpoint(family: str, directory: str | Path, *, size: str = "
 
     The result loads like a downloaded checkpoint: ``from_pretrained(directory)``.
     """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model, processor = random_checkpoint(family, size=size, seed=seed)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    _drop_processor_entry(directory / "processor_config.json", "video_processor")
+    return directory
+
+
+def random_checkpoint(
+    family: str,
+    *,
+    size: str = "tiny",
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+) -> tuple[Any, Any]:
+    """A random-weight model of ``family`` (built directly on ``device``) and its processor."""
     import torch
     import transformers
 
@@ -331,8 +370,6 @@ def write_random_checkpoint(family: str, directory: str | Path, *, size: str = "
         raise UnsupportedModel(f"unknown model family '{family}'; known: {', '.join(FAMILIES)}")
     if size not in SIZES or (size != "tiny" and family != "qwen2_vl"):
         raise ValueError(f"size '{size}' is not available for family '{family}'")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     specials = _SPECIALS[family]
     tokenizer_kwargs: dict[str, Any] = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
     if family == "internvl":
@@ -450,16 +487,15 @@ def write_random_checkpoint(family: str, directory: str | Path, *, size: str = "
         template = _LLAVA_OV_TEMPLATE
         processor_kwargs = {"num_image_tokens": 4, "vision_feature_select_strategy": "full"}
     model_class = getattr(transformers, FAMILIES[family].model_class)
-    model = model_class(config).eval()
+    with torch.device(device):
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = model_class._from_config(config, dtype=getattr(torch, dtype), **extra).eval()
     processor = processor_class_for(FAMILIES[family])(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **processor_kwargs
     )
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    _drop_processor_entry(directory / "processor_config.json", "video_processor")
-    return directory
+    return model, processor
 
 
 def _drop_processor_entry(path: Path, key: str) -> None:

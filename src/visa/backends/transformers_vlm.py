@@ -7,9 +7,12 @@ Teacher-forced answer log-probabilities (PT, IM):
    text.
 2. The checkpoint's own chat template renders it, and :mod:`visa.backends.chat_spans` finds the
    character span of every assistant answer (a second rendering with sentinels; never token ids).
-3. The processor expands each image placeholder into the image's tokens; the spans are shifted by
-   the processor's ``text_replacement_offsets`` and mapped to tokens by the offset mapping. The
-   answer tokens are those overlapping an answer span: not the role header, not ``<|im_end|>``.
+   The tokenizer's offset mapping turns the spans into token indices: the tokens overlapping an
+   answer span, not the role header, not ``<|im_end|>``.
+3. The processor expands each image placeholder into the image's tokens. Every image precedes the
+   first answer, so the answers sit in the tail of the sequence that the expansion leaves alone:
+   :func:`visa.backends.families.align_tail` maps the indices there and checks the tail token by
+   token (this works with any transformers version, whatever its processor returns).
 4. One forward pass per batch (right padding by default, so every row keeps the positions it has
    alone; Qwen2-VL's multimodal rotary positions are computed from the attention mask either way).
    Hidden states are gathered at the positions that predict answer tokens *before* the LM head, so
@@ -40,9 +43,11 @@ from visa.backends.base import (
     GenerateRequest,
     GenerateResult,
 )
-from visa.backends.chat_spans import SpanError, render_with_spans, token_indices
+from visa.backends.chat_spans import render_with_spans
 from visa.backends.families import (
     Family,
+    align_tail,
+    answer_tokens,
     chat_messages,
     check_teacher_forced,
     first_user_index,
@@ -50,7 +55,6 @@ from visa.backends.families import (
     load_processor,
     model_type_of,
     resolve_family,
-    shift_spans,
 )
 from visa.backends.registry import BackendParams
 
@@ -64,12 +68,13 @@ class RequestTooLong(ValueError):
 
 @dataclass(slots=True)
 class _Prepared:
-    """One request, rendered: template text, images, and the character spans to score (or None)."""
+    """One request, rendered: template text, images, and (teacher forcing) its tokens and answers."""
 
     index: int
     text: str
     images: list[Image.Image]
-    spans: list[tuple[int, int]] | None = None
+    token_ids: list[int] | None = None
+    answers: list[list[int]] | None = None
     max_new_tokens: int = 0
 
 
@@ -105,6 +110,17 @@ class TransformersVLMBackend(Backend):
         self.processor: Any = None
         self.family: Family | None = None
         self._commit: str | None = None
+
+    @classmethod
+    def from_loaded(cls, model: Any, processor: Any, /, **params: Any) -> TransformersVLMBackend:
+        """A ready backend around an already loaded model and processor (benchmarks, tests).
+
+        ``params`` are :class:`Params` fields; ``model`` defaults to the model's class name.
+        """
+        backend = cls(cls.Params(**{"model": type(model).__name__, **params}))
+        backend.model, backend.processor = model.eval(), processor
+        backend.family = resolve_family(backend.params.family, model.config.model_type)
+        return backend
 
     # -- lifecycle ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -191,8 +207,9 @@ class TransformersVLMBackend(Backend):
             self._placeholders(),
         )
         rendered = render_with_spans(self._render, messages)
+        token_ids, answers = answer_tokens(rendered.text, rendered.spans_of(roles), self.processor.tokenizer)
         images = [fit_pixels(image, self.params.max_image_pixels) for image in request.images]
-        return _Prepared(index, rendered.text, images, spans=rendered.spans_of(roles))
+        return _Prepared(index, rendered.text, images, token_ids=token_ids, answers=answers)
 
     def _prepare_generate(self, index: int, request: GenerateRequest) -> _Prepared:
         if not request.messages:
@@ -208,7 +225,7 @@ class TransformersVLMBackend(Backend):
         ]
         return _Prepared(index, text, images, max_new_tokens=request.max_new_tokens)
 
-    def _encode(self, batch: Sequence[_Prepared], padding_side: str, offsets: bool) -> Any:
+    def _encode(self, batch: Sequence[_Prepared], padding_side: str) -> Any:
         images = [item.images for item in batch] if batch[0].images else None
         encoding = self.processor(
             text=[item.text for item in batch],
@@ -217,8 +234,6 @@ class TransformersVLMBackend(Backend):
             padding=True,
             padding_side=padding_side,
             add_special_tokens=False,
-            return_offsets_mapping=offsets,
-            return_text_replacement_offsets=offsets,
         )
         if self.params.max_length is not None and encoding["input_ids"].shape[1] > self.params.max_length:
             lengths = encoding["attention_mask"].sum(dim=1).tolist()
@@ -278,26 +293,21 @@ class TransformersVLMBackend(Backend):
     def _logprobs_batch(self, batch: list[_Prepared]) -> list[AnswerLogprobsResult]:
         import torch
 
-        encoding = self._encode(batch, self.params.padding_side, offsets=True)
-        offsets = encoding.pop("offset_mapping").tolist()
-        replacements = encoding.pop("text_replacement_offsets", None)
-        if replacements is None or hasattr(replacements, "numel"):  # no image: absent, or an empty tensor
-            replacements = [[] for _ in batch]
+        encoding = self._encode(batch, self.params.padding_side)
+        encoding.pop("text_replacement_offsets", None)
         input_ids = encoding["input_ids"]
+        attention = encoding["attention_mask"].bool()
         rows: list[int] = []
         positions: list[int] = []
         turn_sizes: list[list[int]] = []
         for b, item in enumerate(batch):
-            assert item.spans is not None
-            spans = shift_spans(item.spans, replacements[b] if b < len(replacements) else [])
+            assert item.token_ids is not None and item.answers is not None
+            real = attention[b].nonzero()[:, 0].tolist()  # the row's token positions, padding excluded
+            theirs = input_ids[b, real].tolist()
             sizes = []
-            for k, tokens in enumerate(token_indices(offsets[b], spans)):
-                if not tokens and spans[k][1] > spans[k][0]:
-                    raise SpanError(f"assistant answer {k} has no tokens")
-                if tokens and tokens[0] == 0:
-                    raise SpanError("an answer starts at the first token; nothing predicts it")
+            for tokens in align_tail(item.token_ids, theirs, item.answers):
                 rows.extend([b] * len(tokens))
-                positions.extend(tokens)
+                positions.extend(real[t] for t in tokens)
                 sizes.append(len(tokens))
             turn_sizes.append(sizes)
         with torch.inference_mode():
@@ -345,7 +355,7 @@ class TransformersVLMBackend(Backend):
     def _generate_batch(self, batch: list[_Prepared]) -> list[GenerateResult]:
         import torch
 
-        encoding = self._encode(batch, "left", offsets=False)
+        encoding = self._encode(batch, "left")
         encoding.pop("text_replacement_offsets", None)
         tokenizer = self.processor.tokenizer
         stop = _stop_ids(self.model.generation_config.eos_token_id, tokenizer.eos_token_id)

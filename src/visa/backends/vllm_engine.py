@@ -37,9 +37,12 @@ from visa.backends.base import (
     GenerateRequest,
     GenerateResult,
 )
-from visa.backends.chat_spans import SpanError, render_with_spans, token_indices
+from visa.backends.chat_spans import render_with_spans
 from visa.backends.families import (
+    AlignmentError,
     Family,
+    align_tail,
+    answer_tokens,
     chat_messages,
     check_teacher_forced,
     first_user_index,
@@ -52,10 +55,6 @@ from visa.backends.registry import BackendParams
 from visa.backends.transformers_vlm import run_isolated
 
 Render = Callable[..., str]
-
-
-class AlignmentError(RuntimeError):
-    """vLLM's prompt tokens do not match the local tokenisation where the answers are."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,16 +107,11 @@ def build_logprobs_prompt(
         placeholders,
     )
     rendered = render_with_spans(render, messages)
-    spans = rendered.spans_of(roles)
-    encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    answers = token_indices(encoding["offset_mapping"], spans)
-    for k, tokens in enumerate(answers):
-        if not tokens and spans[k][1] > spans[k][0]:
-            raise SpanError(f"assistant answer {k} has no tokens")
+    token_ids, answers = answer_tokens(rendered.text, rendered.spans_of(roles), tokenizer)
     return VLLMPrompt(
         prompt=rendered.text,
         images=tuple(fit_pixels(image, max_image_pixels) for image in request.images),
-        token_ids=tuple(encoding["input_ids"]),
+        token_ids=tuple(token_ids),
         answers=tuple(tuple(t) for t in answers),
     )
 
@@ -157,25 +151,13 @@ def answer_logprobs_from_output(
     entry of the actual prompt token is used. The answer tokens are located by aligning the tail of
     the prompt (from the first answer token on) between the local tokenisation and vLLM's.
     """
-    ours = list(prompt.token_ids)
     theirs = list(prompt_token_ids)
     if len(prompt_logprobs) != len(theirs):
         raise AlignmentError(f"{len(prompt_logprobs)} prompt log-probs for {len(theirs)} prompt tokens")
-    scored = [i for turn in prompt.answers for i in turn]
-    if not scored:
-        return AnswerLogprobsResult(per_turn=tuple(np.zeros(0, dtype=np.float32) for _ in prompt.answers))
-    shift = len(theirs) - len(ours)
-    first = min(scored)
-    if shift < 0 or first + shift < 1 or ours[first:] != theirs[first + shift :]:
-        raise AlignmentError(
-            "vLLM tokenised the prompt differently from the local tokenizer after the images; "
-            "check that the engine and the backend use the same tokenizer and chat template"
-        )
     per_turn = []
-    for turn in prompt.answers:
+    for turn in align_tail(prompt.token_ids, theirs, prompt.answers):
         values = []
-        for i in turn:
-            j = i + shift
+        for j in turn:
             entry = prompt_logprobs[j]
             if entry is None or theirs[j] not in entry:
                 raise AlignmentError(f"no log-prob for prompt token {j}")
