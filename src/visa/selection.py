@@ -697,7 +697,7 @@ def _read_scores(
     # families with no agent columns but an already fused column (a table fused elsewhere)
     wanted.extend(f for f in (*VISUAL_FAMILIES, IM_FAMILY, PT_FAMILY) if f not in families)
     columns = list(dict.fromkeys(c for c in wanted if c in schema.names))
-    table = pq.read_table(path, columns=columns)
+    table = pq.read_table(path, columns=columns, memory_map=True)
     return table, families, units
 
 
