@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,24 +128,32 @@ class WorkDir:
         if not path.exists():
             atomic_write_json(path, identity)
 
-    def _result_files(self, fp: str) -> list[Path]:
+    def result_files(self, fp: str) -> list[Path]:
+        """The agent's result files, in name order (complete files only: temporaries end in ``.tmp``)."""
         return sorted((self.results_dir / fp).glob("*.parquet"))
 
     def known_keys(self, fp: str) -> set[str]:
         keys: set[str] = set()
-        for path in self._result_files(fp):
+        for path in self.result_files(fp):
             keys.update(pq.read_table(path, columns=["key"]).column("key").to_pylist())
         return keys
 
-    def write_results(self, fp: str, shard: int, table: pa.Table) -> None:
+    def write_results(self, fp: str, shard: int, table: pa.Table) -> Path | None:
+        """Store results of shard ``shard``; returns the file written (None for an empty table).
+
+        The file name depends only on the shard and the keys, so a retried write (a restarted worker)
+        replaces the same file instead of adding a copy.
+        """
         if table.num_rows == 0:
-            return
+            return None
         tag = stable_hash(table.column("key").to_pylist(), size=4)
-        atomic_write_table(self.results_dir / fp / f"{self._shard_name(shard)}-{tag}.parquet", table)
+        path = self.results_dir / fp / f"{self._shard_name(shard)}-{tag}.parquet"
+        atomic_write_table(path, table)
+        return path
 
     def read_results(self, fp: str, keys: Iterable[str] | None = None) -> pa.Table | None:
         """All results of one agent (first result per key wins), optionally only for ``keys``."""
-        files = self._result_files(fp)
+        files = self.result_files(fp)
         if not files:
             return None
         table = pa.concat_tables([pq.read_table(p) for p in files], promote_options="permissive")
@@ -153,6 +161,45 @@ class WorkDir:
             wanted = pa.array(sorted(set(keys)), type=pa.string())
             table = table.filter(pa.compute.is_in(table.column("key"), value_set=wanted))
         return _first_per_key(table)
+
+
+class ResultIndex:
+    """One worker's view of one agent's stored results: their keys and, optionally, some fields' values.
+
+    :meth:`refresh` reads only the result files this index has not seen yet, so a long-lived worker
+    (a Ray actor) can pick up what other workers wrote to a shared RUN_DIR at the cost of the new
+    files alone. When a key has several results, the first one read wins, as in
+    :meth:`WorkDir.read_results` (files are read in name order).
+    """
+
+    def __init__(self, work: WorkDir, fp: str, fields: Sequence[str] = ()):
+        self.work, self.fp, self.fields = work, fp, tuple(fields)
+        self.keys: set[str] = set()
+        self.values: dict[str, dict[str, Any]] = {}
+        self._seen: set[str] = set()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys
+
+    def refresh(self) -> int:
+        """Read the result files written since the last refresh; returns how many were new."""
+        new = [p for p in self.work.result_files(self.fp) if p.name not in self._seen]
+        for path in new:
+            self.add(pq.read_table(path, columns=["key", *self.fields]))
+            self._seen.add(path.name)
+        return len(new)
+
+    def add(self, table: pa.Table) -> None:
+        """Take in results this worker computed (``key`` plus at least :attr:`fields`)."""
+        self.keys.update(table.column("key").to_pylist())
+        if self.fields:
+            for row in table.select(["key", *self.fields]).to_pylist():
+                self.values.setdefault(row.pop("key"), row)
+
+    def mark_seen(self, path: Path | None) -> None:
+        """A file this worker wrote itself: its content is already here, never read it back."""
+        if path is not None:
+            self._seen.add(path.name)
 
 
 def _first_per_key(table: pa.Table) -> pa.Table:
