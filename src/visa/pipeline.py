@@ -10,12 +10,17 @@ Data flow for one shard of raw records::
               -> sample agents (context from image agents)   (results keyed by a sample hash)
     -> WorkDir: agent results, then sample rows, then the shard's completion marker
 
-Executors (local, Ray) decide where shards run; they all call :class:`ShardProcessor`.
+The three stages are separate so executors can place them: :func:`prepare_shard` (CPU: parse, read,
+hash), :class:`AgentGroup` (some or all agents; models set up once per worker) and
+:func:`commit_shard` (sample rows, then the completion marker). The local executor runs them in one
+worker through :class:`ShardProcessor`; the Ray executor runs prepare and commit as tasks and one
+actor pool per agent.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,10 +30,10 @@ from typing import Any
 import pyarrow as pa
 
 from visa.agents.base import Agent, ImageItem, Result, SampleItem, Unit
-from visa.images import ImageError, ImageSource, decode_image, image_key
+from visa.images import ImageError, ImageLimits, ImageSource, decode_image, image_key
 from visa.recipe import BoundAgent, Recipe, RecipeError
 from visa.samples import RawRecord, RecordError, Sample, normalize, sample_id, stable_hash
-from visa.store import WorkDir, fingerprint
+from visa.store import ResultIndex, WorkDir, fingerprint
 
 DECODE_VERSION = "1"
 SAMPLE_SCHEMA = pa.schema(
@@ -161,7 +166,7 @@ def results_table(keys: Sequence[str], results: Sequence[Result], outputs: dict[
         errors.append(None)
         for name in outputs:
             value = result.get(name)  # type: ignore[union-attr]
-            if isinstance(value, float) and value != value:  # NaN is no score
+            if isinstance(value, float) and math.isnan(value):  # NaN is no score
                 value = None
             columns[name].append(value)
     arrays = {"key": pa.array(list(keys), pa.string())}
@@ -190,198 +195,258 @@ def sample_key(sid: str, sample: Sample, image_keys: Sequence[str]) -> str:
     return stable_hash({"id": sid, "turns": [[t.role, t.text] for t in sample.turns], "images": list(image_keys)})
 
 
-class ShardProcessor:
-    """Scores shards inside one worker: agents are set up once and reused for every shard."""
+@dataclass
+class PreparedShard:
+    """One shard after the CPU-only preparation, on its way through the agents to :func:`commit_shard`.
 
-    def __init__(self, recipe: Recipe, image_root: Path, run_dir: Path, duplicates: frozenset[str]):
-        self.recipe = recipe
-        self.work = WorkDir(run_dir)
-        self.source = ImageSource(Path(image_root), recipe.images)
-        self.duplicates = duplicates
-        self.agents, decode = plan_agents(recipe)
-        self.decode_fp: str = decode["fingerprint"]
-        self.fingerprints = [a.fingerprint for a in self.agents] + [self.decode_fp]
-        self.known: dict[str, set[str]] = {}
-        self.context_cache: dict[str, dict[str, dict[str, Any]]] = {}
-        self._ready = False
+    ``rows`` are the shard's sample rows (:data:`SAMPLE_SCHEMA`; a record that could not be used
+    already carries its error), ``samples`` the parsed samples of the usable rows by record index,
+    ``payloads`` the bytes of each unique image key. ``produced`` carries the values that image agents
+    computed for this shard and that some sample agent ``needs`` (fingerprint -> key -> field ->
+    value), so a sample agent running in another process gets them with the shard.
+    """
+
+    shard: int
+    rows: list[dict[str, Any]]
+    samples: dict[int, Sample]
+    payloads: dict[str, bytes]
+    stats: ShardStats
+    produced: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def drop_inputs(self, *, payloads: bool = True, samples: bool = True) -> None:
+        """Forget what no later stage needs (keeps shards small when they travel between processes)."""
+        if payloads:
+            self.payloads = {}
+        if samples:
+            self.samples = {}
+
+
+def prepare_shard(
+    shard: int, records: Sequence[RawRecord], source: ImageSource, duplicates: frozenset[str]
+) -> PreparedShard:
+    """Normalise every record, read its images' bytes and key them by content (no decoding, no store).
+
+    A record that cannot be used becomes a row with its error (``malformed``, or the image error's kind).
+    """
+    stats = ShardStats(shard=shard, records=len(records))
+    rows: list[dict[str, Any]] = []
+    payloads: dict[str, bytes] = {}
+    samples: dict[int, Sample] = {}
+    for raw in records:
+        row: dict[str, Any] = {
+            "row": raw.index, "line": raw.line, "sample_id": None, "image_key": None, "image_keys": [],
+            "sample_key": None, "error_kind": None, "error": None, "meta": None,
+        }
+        rows.append(row)
+        try:
+            if raw.record is None:
+                raise RecordError(raw.error or "unreadable record")
+            sample = normalize(raw)
+        except RecordError as err:
+            record_id = (raw.record or {}).get("id") if isinstance(raw.record, dict) else None
+            row["sample_id"] = str(record_id) if record_id is not None else f"row:{raw.index}"
+            _fail(row, stats, "malformed", f"line {raw.line}: {err}")
+            stats.malformed_lines.append(raw.line)
+            continue
+        sid = sample_id(sample, duplicates)
+        row["sample_id"] = sid
+        row["meta"] = json.dumps(sample.meta, ensure_ascii=False, sort_keys=True, default=str)
+        keys: list[str] = []
+        for position, ref in enumerate(sample.images):
+            try:
+                data = source.read_bytes(ref)
+            except ImageError as err:
+                where = f" (image {position + 1} of {len(sample.images)})" if len(sample.images) > 1 else ""
+                _fail(row, stats, err.kind, f"{err.message}{where}")
+                break
+            key = image_key(data)
+            payloads.setdefault(key, data)
+            keys.append(key)
+        if row["error"] is not None:
+            continue
+        row["image_keys"] = keys
+        row["image_key"] = keys[0] if len(keys) == 1 else (stable_hash(keys) if keys else None)
+        row["sample_key"] = sample_key(sid, sample, keys)
+        samples[raw.index] = sample
+    return PreparedShard(shard, rows, samples, payloads, stats)
+
+
+def _fail(row: dict[str, Any], stats: ShardStats, kind: str, message: str) -> None:
+    row["error_kind"], row["error"] = kind, f"{kind}: {message}"
+    stats.errors[kind] = stats.errors.get(kind, 0) + 1
+
+
+def commit_shard(work: WorkDir, prepared: PreparedShard, fingerprints: Sequence[str], seconds: float) -> ShardStats:
+    """Write the shard's sample rows, then its completion marker; the shard is done once this returns.
+
+    Run it only after every agent has written its results for the shard: the marker says so.
+    """
+    stats = prepared.stats
+    stats.seconds = seconds
+    table = pa.Table.from_pylist(prepared.rows, schema=SAMPLE_SCHEMA)
+    marker = {
+        "shard": prepared.shard,
+        "records": stats.records,
+        "agents": list(fingerprints),
+        "errors": stats.errors,
+        "malformed_lines": stats.malformed_lines,
+        "timings": {col: vars(s) for col, s in stats.agents.items()},
+        "seconds": stats.seconds,
+    }
+    work.commit_shard(prepared.shard, table, marker)
+    return stats
+
+
+def needed_fields(agents: Sequence[PlannedAgent]) -> dict[str, tuple[str, ...]]:
+    """For each upstream fingerprint, the fields that some agent of ``agents`` reads through ``needs``."""
+    fields: dict[str, set[str]] = {}
+    for planned in agents:
+        for fp, field_name in planned.needs.values():
+            fields.setdefault(fp, set()).add(field_name)
+    return {fp: tuple(sorted(names)) for fp, names in fields.items()}
+
+
+class AgentGroup:
+    """Some of a recipe's agents, set up once in one worker and run over prepared shards.
+
+    The local executor runs all agents as one group (images are decoded once per chunk for all of
+    them); the Ray executor runs one group per agent, each in its own actor pool. A group keeps, per
+    agent, which keys already have results (so nothing is computed twice) and the upstream values its
+    sample agents need. With ``refresh=True`` it re-reads, before every shard, only the result files
+    other workers wrote since (for long-lived workers sharing a RUN_DIR).
+    """
+
+    def __init__(
+        self,
+        work: WorkDir,
+        planned: Sequence[PlannedAgent],
+        members: Sequence[PlannedAgent],
+        decode_fp: str,
+        limits: ImageLimits,
+        *,
+        refresh: bool = False,
+    ):
+        self.work = work
+        self.members = list(members)
+        self.decode_fp = decode_fp
+        self.limits = limits
+        self.refresh = refresh
+        #: fields of member image agents that some sample agent of the recipe reads (sent with the shard)
+        self.produce = {
+            fp: names for fp, names in needed_fields(planned).items() if fp in {m.fingerprint for m in self.members}
+        }
+        reads = needed_fields([m for m in self.members if m.agent.unit == Unit.SAMPLE])
+        own = [m.fingerprint for m in self.members] + [decode_fp]
+        self.index: dict[str, ResultIndex] = {
+            fp: ResultIndex(work, fp, reads.get(fp, ())) for fp in dict.fromkeys([*own, *reads])
+        }
+        self._own = own
+        self._refreshed: set[str] = set()
 
     def setup(self) -> None:
-        for planned in self.agents:
+        for planned in self.members:
             self.work.register_agent(planned.fingerprint, {**planned.identity, "column": planned.column})
-        for fp in self.fingerprints:
-            self.known[fp] = self.work.known_keys(fp)
-        upstream = {fp for planned in self.agents for fp, _ in planned.needs.values()}
-        for fp in upstream:
-            fields = sorted({f for p in self.agents for ufp, f in p.needs.values() if ufp == fp})
-            table = self.work.read_results(fp)
-            cache: dict[str, dict[str, Any]] = {}
-            if table is not None:
-                for row in table.select(["key", *fields]).to_pylist():
-                    cache[row.pop("key")] = row
-            self.context_cache[fp] = cache
-        for planned in self.agents:
+        for index in self.index.values():
+            index.refresh()
+        for planned in self.members:
             planned.agent.setup()
-        self._ready = True
 
     def teardown(self) -> None:
-        for planned in self.agents:
+        for planned in self.members:
             planned.agent.teardown()
 
-    def is_done(self, shard: int) -> bool:
-        return self.work.shard_done(shard, self.fingerprints)
+    def run(self, prepared: PreparedShard, progress: ProgressHook | None = None) -> None:
+        """Run the group's agents over one shard and store their results (image agents first)."""
+        self._refreshed = set()
+        if self.refresh:
+            for fp in self._own:
+                self.index[fp].refresh()
+            self._refreshed.update(self._own)
+        rows = prepared.rows
+        keys = sorted({k for r in rows if r["error"] is None for k in r["image_keys"]})
+        self._run_image_agents(prepared, keys, progress)
+        self._run_sample_agents(prepared, progress)
 
-    # -- one shard --------------------------------------------------------------------------------
-    def process(self, shard: int, records: Sequence[RawRecord], progress: ProgressHook | None = None) -> ShardStats:
-        if not self._ready:
-            raise RuntimeError("ShardProcessor.setup() must run before process()")
-        started = time.perf_counter()
-        stats = ShardStats(shard=shard, records=len(records))
-        rows, payloads, samples = self._prepare(records, stats)
-        image_keys = sorted({k for r in rows if r["error"] is None for k in r["image_keys"]})
-        self._run_image_agents(shard, image_keys, payloads, stats, progress)
-        self._run_sample_agents(shard, rows, samples, payloads, stats, progress)
-        table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
-        stats.seconds = time.perf_counter() - started
-        marker = {
-            "shard": shard,
-            "records": len(records),
-            "agents": self.fingerprints,
-            "errors": stats.errors,
-            "malformed_lines": stats.malformed_lines,
-            "timings": {col: vars(s) for col, s in stats.agents.items()},
-            "seconds": stats.seconds,
-        }
-        self.work.commit_shard(shard, table, marker)
-        return stats
-
-    def _prepare(
-        self, records: Sequence[RawRecord], stats: ShardStats
-    ) -> tuple[list[dict[str, Any]], dict[str, bytes], dict[int, Sample]]:
-        rows: list[dict[str, Any]] = []
-        payloads: dict[str, bytes] = {}
-        samples: dict[int, Sample] = {}
-        for raw in records:
-            row: dict[str, Any] = {
-                "row": raw.index, "line": raw.line, "sample_id": None, "image_key": None, "image_keys": [],
-                "sample_key": None, "error_kind": None, "error": None, "meta": None,
-            }
-            rows.append(row)
-            try:
-                if raw.record is None:
-                    raise RecordError(raw.error or "unreadable record")
-                sample = normalize(raw)
-            except RecordError as err:
-                record_id = (raw.record or {}).get("id") if isinstance(raw.record, dict) else None
-                row["sample_id"] = str(record_id) if record_id is not None else f"row:{raw.index}"
-                self._fail(row, stats, "malformed", f"line {raw.line}: {err}")
-                stats.malformed_lines.append(raw.line)
-                continue
-            sid = sample_id(sample, self.duplicates)
-            row["sample_id"] = sid
-            row["meta"] = json.dumps(sample.meta, ensure_ascii=False, sort_keys=True, default=str)
-            keys: list[str] = []
-            for position, ref in enumerate(sample.images):
-                try:
-                    data = self.source.read_bytes(ref)
-                except ImageError as err:
-                    where = f" (image {position + 1} of {len(sample.images)})" if len(sample.images) > 1 else ""
-                    self._fail(row, stats, err.kind, f"{err.message}{where}")
-                    break
-                key = image_key(data)
-                payloads.setdefault(key, data)
-                keys.append(key)
-            if row["error"] is not None:
-                continue
-            row["image_keys"] = keys
-            row["image_key"] = keys[0] if len(keys) == 1 else (stable_hash(keys) if keys else None)
-            row["sample_key"] = sample_key(sid, sample, keys)
-            samples[raw.index] = sample
-        return rows, payloads, samples
-
-    @staticmethod
-    def _fail(row: dict[str, Any], stats: ShardStats, kind: str, message: str) -> None:
-        row["error_kind"], row["error"] = kind, f"{kind}: {message}"
-        stats.errors[kind] = stats.errors.get(kind, 0) + 1
-
+    # -- internals ----------------------------------------------------------------------------------
     def _decode(self, shard: int, keys: Sequence[str], payloads: dict[str, bytes]) -> dict[str, Any]:
         """Decode images once; record the outcome under the decoder's fingerprint."""
         images: dict[str, Any] = {}
         results: list[Result] = []
         for key in keys:
             try:
-                image = decode_image(payloads[key], self.recipe.images)
+                image = decode_image(payloads[key], self.limits)
                 images[key] = image
                 results.append({"width": image.width, "height": image.height})
             except ImageError as err:
                 results.append(err)
-        fresh = [k for k in keys if k not in self.known[self.decode_fp]]
+        index = self.index[self.decode_fp]
+        fresh = [k for k in keys if k not in index]
         if fresh:
             by_key = dict(zip(keys, results, strict=True))
-            self.work.write_results(
-                self.decode_fp, shard, results_table(fresh, [by_key[k] for k in fresh], DECODE_OUTPUTS)
-            )
-            self.known[self.decode_fp].update(fresh)
+            table = results_table(fresh, [by_key[k] for k in fresh], DECODE_OUTPUTS)
+            index.mark_seen(self.work.write_results(self.decode_fp, shard, table))
+            index.add(table)
         return images
-
-    def _stats_for(self, stats: ShardStats, column: str) -> AgentStats:
-        return stats.agents.setdefault(column, AgentStats())
 
     def _score(self, planned: PlannedAgent, keys: list[str], items: list[Any], stats: ShardStats) -> pa.Table:
         started = time.perf_counter()
         results = run_agent_batches(planned.agent, items)
-        agent_stats = self._stats_for(stats, planned.column)
+        agent_stats = stats.agents.setdefault(planned.column, AgentStats())
         agent_stats.seconds += time.perf_counter() - started
         agent_stats.items += len(items)
         table = results_table(keys, results, planned.agent.outputs)
         agent_stats.errors += table.num_rows - table.column("error").null_count
         return table
 
-    def _remember(self, planned: PlannedAgent, table: pa.Table) -> None:
-        self.known[planned.fingerprint].update(table.column("key").to_pylist())
-        cache = self.context_cache.get(planned.fingerprint)
-        if cache is not None:
-            for row in table.to_pylist():
-                cache[row.pop("key")] = row
+    def _remember(self, planned: PlannedAgent, table: pa.Table, prepared: PreparedShard) -> None:
+        self.index[planned.fingerprint].add(table)
+        names = self.produce.get(planned.fingerprint)
+        if names:
+            produced = prepared.produced.setdefault(planned.fingerprint, {})
+            for row in table.select(["key", *names]).to_pylist():
+                produced.setdefault(row.pop("key"), row)
 
-    def _run_image_agents(
-        self, shard: int, keys: list[str], payloads: dict[str, bytes], stats: ShardStats,
-        progress: ProgressHook | None,
-    ) -> None:
-        image_agents = [p for p in self.agents if p.agent.unit == Unit.IMAGE]
-        todo = {p.fingerprint: [k for k in keys if k not in self.known[p.fingerprint]] for p in image_agents}
+    def _store(self, planned: PlannedAgent, shard: int, tables: list[pa.Table]) -> None:
+        if tables:
+            path = self.work.write_results(planned.fingerprint, shard, pa.concat_tables(tables))
+            self.index[planned.fingerprint].mark_seen(path)
+
+    def _run_image_agents(self, prepared: PreparedShard, keys: list[str], progress: ProgressHook | None) -> None:
+        image_agents = [p for p in self.members if p.agent.unit == Unit.IMAGE]
+        if not image_agents:
+            return
+        shard, payloads, stats = prepared.shard, prepared.payloads, prepared.stats
+        todo = {p.fingerprint: [k for k in keys if k not in self.index[p.fingerprint]] for p in image_agents}
         need_decode = sorted({k for ks in todo.values() for k in ks})
         chunk = max([16, *(p.agent.params.batch_size for p in image_agents)])
         produced: dict[str, list[pa.Table]] = {p.fingerprint: [] for p in image_agents}
         for part in _chunks(need_decode, chunk):
             images = self._decode(shard, part, payloads)
             for planned in image_agents:
-                wanted = [k for k in part if k in images and k not in self.known[planned.fingerprint]]
+                wanted = [k for k in part if k in images and k not in self.index[planned.fingerprint]]
                 if not wanted:
                     continue
                 items = [ImageItem(key=k, image=images[k]) for k in wanted]
                 table = self._score(planned, wanted, items, stats)
                 produced[planned.fingerprint].append(table)
-                self._remember(planned, table)
+                self._remember(planned, table, prepared)
                 if progress:
                     progress(planned.column, len(wanted))
             del images
         for planned in image_agents:
-            if produced[planned.fingerprint]:
-                self.work.write_results(planned.fingerprint, shard, pa.concat_tables(produced[planned.fingerprint]))
+            self._store(planned, shard, produced[planned.fingerprint])
 
-    def _run_sample_agents(
-        self, shard: int, rows: list[dict[str, Any]], samples: dict[int, Sample], payloads: dict[str, bytes],
-        stats: ShardStats, progress: ProgressHook | None,
-    ) -> None:
-        sample_agents = [p for p in self.agents if p.agent.unit == Unit.SAMPLE]
+    def _run_sample_agents(self, prepared: PreparedShard, progress: ProgressHook | None) -> None:
+        sample_agents = [p for p in self.members if p.agent.unit == Unit.SAMPLE]
         if not sample_agents:
             return
-        good = [r for r in rows if r["error"] is None and r["row"] in samples]
+        shard, samples, payloads, stats = prepared.shard, prepared.samples, prepared.payloads, prepared.stats
+        good = [r for r in prepared.rows if r["error"] is None and r["row"] in samples]
         produced: dict[str, list[pa.Table]] = {p.fingerprint: [] for p in sample_agents}
         chunk = max([16, *(p.agent.params.batch_size for p in sample_agents)])
         for part in _chunks(good, chunk):
             waiting = {
-                p.fingerprint: [r for r in part if r["sample_key"] not in self.known[p.fingerprint]]
+                p.fingerprint: [r for r in part if r["sample_key"] not in self.index[p.fingerprint]]
                 for p in sample_agents
             }
             keys = sorted(
@@ -394,23 +459,34 @@ class ShardProcessor:
                     todo = [r for r in todo if all(k in images for k in r["image_keys"])]
                 if not todo:
                     continue
-                items = [self._sample_item(planned, r, samples[r["row"]], images) for r in todo]
+                items = [self._sample_item(planned, r, samples[r["row"]], images, prepared) for r in todo]
                 table = self._score(planned, [r["sample_key"] for r in todo], items, stats)
                 produced[planned.fingerprint].append(table)
-                self._remember(planned, table)
+                self._remember(planned, table, prepared)
                 if progress:
                     progress(planned.column, len(todo))
         for planned in sample_agents:
-            if produced[planned.fingerprint]:
-                self.work.write_results(planned.fingerprint, shard, pa.concat_tables(produced[planned.fingerprint]))
+            self._store(planned, shard, produced[planned.fingerprint])
+
+    def _upstream(self, fp: str, key: str, prepared: PreparedShard) -> dict[str, Any] | None:
+        """An upstream agent's values for ``key``: sent with the shard, known here, or newly stored."""
+        values = prepared.produced.get(fp, {}).get(key)
+        if values is not None:
+            return values
+        index = self.index[fp]
+        if key not in index.values and fp not in self._refreshed:
+            index.refresh()  # another worker may have stored it since; read only its new files
+            self._refreshed.add(fp)
+        return index.values.get(key)
 
     def _sample_item(
-        self, planned: PlannedAgent, row: dict[str, Any], sample: Sample, images: dict[str, Any]
+        self, planned: PlannedAgent, row: dict[str, Any], sample: Sample, images: dict[str, Any],
+        prepared: PreparedShard,
     ) -> SampleItem:
         first = row["image_keys"][0] if row["image_keys"] else None
         context: dict[str, Any] = {}
         for column, (fp, field_name) in planned.needs.items():
-            values = self.context_cache.get(fp, {}).get(first) if first else None
+            values = self._upstream(fp, first, prepared) if first else None
             context[column] = values.get(field_name) if values else None
         return SampleItem(
             key=row["sample_key"],
@@ -420,3 +496,39 @@ class ShardProcessor:
             image_keys=tuple(row["image_keys"]),
             context=context,
         )
+
+
+class ShardProcessor:
+    """Scores whole shards inside one worker: prepare, all agents as one group, commit.
+
+    Agents are set up once and reused for every shard.
+    """
+
+    def __init__(self, recipe: Recipe, image_root: Path, run_dir: Path, duplicates: frozenset[str]):
+        self.recipe = recipe
+        self.work = WorkDir(run_dir)
+        self.source = ImageSource(Path(image_root), recipe.images)
+        self.duplicates = duplicates
+        self.agents, decode = plan_agents(recipe)
+        self.decode_fp: str = decode["fingerprint"]
+        self.fingerprints = [a.fingerprint for a in self.agents] + [self.decode_fp]
+        self.group = AgentGroup(self.work, self.agents, self.agents, self.decode_fp, recipe.images)
+        self._ready = False
+
+    def setup(self) -> None:
+        self.group.setup()
+        self._ready = True
+
+    def teardown(self) -> None:
+        self.group.teardown()
+
+    def is_done(self, shard: int) -> bool:
+        return self.work.shard_done(shard, self.fingerprints)
+
+    def process(self, shard: int, records: Sequence[RawRecord], progress: ProgressHook | None = None) -> ShardStats:
+        if not self._ready:
+            raise RuntimeError("ShardProcessor.setup() must run before process()")
+        started = time.perf_counter()
+        prepared = prepare_shard(shard, records, self.source, self.duplicates)
+        self.group.run(prepared, progress)
+        return commit_shard(self.work, prepared, self.fingerprints, time.perf_counter() - started)
