@@ -33,6 +33,7 @@ def assemble(work: WorkDir, shards: int, agents: list[PlannedAgent], decode_fp: 
         "sample_id": _unique_ids(samples.column("sample_id").to_pylist()),
         "image_key": samples.column("image_key"),
         "image_keys": samples.column("image_keys"),
+        "text_hash": samples.column("text_hash"),
     }
     image_keys = samples.column("image_keys").to_pylist()
     sample_keys = samples.column("sample_key").to_pylist()

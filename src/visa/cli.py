@@ -69,6 +69,89 @@ def score_cmd(recipe: RecipeOpt, data: DataOpt, out: OutOpt, image_root: RootOpt
     run_score(recipe, data, out, image_root, workers)
 
 
+SELECT_HELP = {
+    "budget": "samples to keep: a count, a percentage of the pool ('2.5%'), or 'all'",
+    "image_keep": "fraction of unique images kept by the visual stage (default 0.5)",
+    "visual_weights": "weights of the visual scores, e.g. 'sc=1,oa=1,dp=2' (default: equal)",
+    "text_only": "text-only samples: keep (compete on IM/PT) or drop",
+    "im_min": "drop samples with IM <= this ('off' disables; default 0)",
+    "pt_tail": "drop this top fraction of PT, the garbled tail (default 0.02)",
+    "pt_blend": "weight of PT in the instruction ranking (default 0: IM only)",
+    "quota_field": "column whose values share the budget, e.g. meta.source",
+    "quota_mode": "proportional (to the pool) or capped (at --quota-max-share)",
+    "quota_min": "every quota value keeps at least this many samples",
+    "quota_max_share": "capped mode: the most one value may take of the budget",
+    "max_per_image": "keep at most this many samples per image ('off': no cap)",
+    "calibration_size": "rows (unique images for image scores) used to fit Shapley weights",
+    "seed": "seed of the calibration sample and of Monte Carlo Shapley",
+}
+
+
+def _opt(name: str) -> Any:
+    return typer.Option("--" + name.replace("_", "-"), help=SELECT_HELP.get(name, ""))
+
+
+def run_select(run_dir: Path, overrides: dict[str, Any], write_records: bool = True) -> dict[str, Any]:
+    from visa.progress import selection_table
+    from visa.selection import SelectionError, read_run, resolve_options, select
+
+    try:
+        result = select(run_dir, resolve_options(read_run(run_dir), overrides), write_records=write_records)
+    except (SelectionError, *_user_errors()) as err:
+        _fail(str(err).splitlines()[0])
+    out.print(selection_table(result.summary))
+    return result.summary
+
+
+@app.command("select")
+def select_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder written by `visa score`")],
+    budget: Annotated[str | None, _opt("budget")] = None,
+    image_keep: Annotated[float | None, _opt("image_keep")] = None,
+    visual_weights: Annotated[str | None, _opt("visual_weights")] = None,
+    text_only: Annotated[str | None, _opt("text_only")] = None,
+    im_min: Annotated[str | None, _opt("im_min")] = None,
+    pt_tail: Annotated[float | None, _opt("pt_tail")] = None,
+    pt_blend: Annotated[float | None, _opt("pt_blend")] = None,
+    quota_field: Annotated[str | None, _opt("quota_field")] = None,
+    quota_mode: Annotated[str | None, _opt("quota_mode")] = None,
+    quota_min: Annotated[int | None, _opt("quota_min")] = None,
+    quota_max_share: Annotated[float | None, _opt("quota_max_share")] = None,
+    dedupe: Annotated[bool | None, typer.Option("--dedupe/--no-dedupe", help="drop exact duplicates")] = None,
+    max_per_image: Annotated[str | None, _opt("max_per_image")] = None,
+    calibration_size: Annotated[int | None, _opt("calibration_size")] = None,
+    seed: Annotated[int | None, _opt("seed")] = None,
+    no_records: Annotated[bool, typer.Option("--no-records", help="write selection.parquet only")] = False,
+) -> None:
+    """Select a subset from scored RUN_DIR (model-free: reruns in seconds with other options)."""
+    overrides = {k: v for k, v in locals().items() if k not in {"run_dir", "no_records"}}
+    run_select(run_dir, overrides, write_records=not no_records)
+
+
+@app.command("run")
+def run_cmd(
+    recipe: RecipeOpt,
+    data: DataOpt,
+    out: OutOpt,
+    budget: Annotated[str, _opt("budget")],
+    image_root: RootOpt = None,
+    workers: WorkersOpt = 1,
+) -> None:
+    """Score, then select BUDGET samples (then write the report)."""
+    run_score(recipe, data, out, image_root, workers)
+    run_select(out, {"budget": budget})
+    _maybe_report(out)
+
+
+def _maybe_report(run_dir: Path) -> None:
+    try:
+        from visa.report import build_report
+    except ImportError:
+        return
+    path = build_report(run_dir)
+    out.print(f"report: {path}")
+
+
 def examples_dir() -> Path:
     """The examples folder of a source checkout."""
     here = Path(__file__).resolve()
@@ -84,13 +167,17 @@ def demo_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="run folder")] = Path("runs/demo"),
     recipe: Annotated[str, typer.Option("--recipe", "-r")] = "embedded",
     workers: WorkersOpt = 1,
+    budget: Annotated[str, typer.Option("--budget", help="selection budget ('off': score only)")] = "50%",
 ) -> None:
-    """Run the embedded recipe on the bundled examples."""
+    """Run the embedded recipe on the bundled examples: score, select half, report."""
     try:
         examples = examples_dir()
     except FileNotFoundError as err:
         _fail(str(err))
     run_score(recipe, examples / "llava.json", out, None, workers)
+    if budget.lower() not in {"none", "off"}:
+        run_select(out, {"budget": budget})
+        _maybe_report(out)
 
 
 @app.command("doctor")

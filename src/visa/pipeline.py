@@ -44,6 +44,7 @@ SAMPLE_SCHEMA = pa.schema(
         ("image_key", pa.string()),
         ("image_keys", pa.list_(pa.string())),
         ("sample_key", pa.string()),
+        ("text_hash", pa.string()),
         ("error_kind", pa.string()),
         ("error", pa.string()),
         ("meta", pa.string()),
@@ -235,7 +236,7 @@ def prepare_shard(
     for raw in records:
         row: dict[str, Any] = {
             "row": raw.index, "line": raw.line, "sample_id": None, "image_key": None, "image_keys": [],
-            "sample_key": None, "error_kind": None, "error": None, "meta": None,
+            "sample_key": None, "text_hash": None, "error_kind": None, "error": None, "meta": None,
         }
         rows.append(row)
         try:
@@ -267,6 +268,7 @@ def prepare_shard(
         row["image_keys"] = keys
         row["image_key"] = keys[0] if len(keys) == 1 else (stable_hash(keys) if keys else None)
         row["sample_key"] = sample_key(sid, sample, keys)
+        row["text_hash"] = stable_hash([[t.role, t.text] for t in sample.turns])
         samples[raw.index] = sample
     return PreparedShard(shard, rows, samples, payloads, stats)
 

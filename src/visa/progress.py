@@ -105,3 +105,26 @@ def summary_table(record: dict[str, Any]) -> Table:
     table.add_row("wall time", f"{record['timings']['total_seconds']:.1f} s")
     table.add_row("score table", record["outputs"]["scores"])
     return table
+
+
+def selection_table(summary: dict[str, Any]) -> Table:
+    table = Table(title="visa select", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("pool", f"{summary['pool']:,} records")
+    table.add_row("budget", f"{summary['budget']} -> {summary['budget_rows']:,}" if summary.get("budget_rows") is not None
+                  else str(summary.get("budget")))
+    table.add_row("selected", f"{summary['selected']:,}")
+    images = summary.get("images") or {}
+    if images:
+        table.add_row("images kept", f"{images.get('kept', 0):,} of {images.get('unique', 0):,}")
+    for reason, n in (summary.get("dropped") or {}).items():
+        if n:
+            table.add_row(f"  dropped: {reason}", f"{n:,}")
+    if summary.get("ranked_by"):
+        table.add_row("ranked by", str(summary["ranked_by"]))
+    for note in summary.get("notes") or []:
+        table.add_row("note", str(note))
+    for name, path in (summary.get("outputs") or {}).items():
+        table.add_row(name, str(path))
+    return table

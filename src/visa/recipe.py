@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from visa.agents.base import Agent, Unit
 from visa.images import ImageLimits
+from visa.selection import SelectionOptions
 from visa.registry import AGENTS, UnknownName, agent_class, did_you_mean, is_known
 
 SCORE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -55,6 +56,7 @@ class Recipe(_Strict):
     images: ImageLimits = Field(default_factory=ImageLimits)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
     scores: dict[str, ScoreSpec]
+    selection: SelectionOptions | None = None
 
     @field_validator("scores")
     @classmethod
