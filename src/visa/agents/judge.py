@@ -1,0 +1,219 @@
+"""DP: a language model judges how much visual information an image holds, from 1 to 5.
+
+The judge gets our rubric and five worked examples (:mod:`visa.agents.dp_rubric`) and rates each
+unique image. Two modes:
+
+* ``generate`` (for real vision-language models): greedy decoding of a judgement that ends with
+  ``Final score: N``; :func:`visa.agents.dp_parser.parse_final_score` reads the FINAL score only.
+  When no score can be read the score is null and ``parse_error`` says why. The raw judgement is
+  kept in ``raw`` (column ``dp.<agent>.raw``) for inspection.
+* ``likelihood``: the five answers ``Final score: 1`` ... ``Final score: 5`` are teacher-forced in one
+  ``answer_logprobs`` call; the score is the expected value ``sum_k k * p_k`` under the model's
+  distribution restricted to those five answers (``raw`` lists the five probabilities). This
+  always yields a score and suits small models, which rarely follow the answer format.
+
+Image input: ``pixels`` sends the image with the prompt; ``verbalized`` (the embedded recipe) sends a
+text description instead. An image agent receives no other agent's outputs, so in that mode the
+judge runs its own *describers*, image agents that the recipe also uses (default: the ``tagger``
+and ``image_stats`` agents), and verbalises their results (:mod:`visa.agents.verbalize`).
+
+Honest limits: with the embedded backend the judge is a 135M-parameter text model reading a few
+classifier labels and image statistics. It can tell "a plain texture with no labels" from "a scene
+with several confident objects and text", not much more; treat ``dp.judge`` in the embedded recipe
+as one weak vote that Shapley fusion weighs against SC and OA, not as an MLLM's judgement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from visa.agents.base import Agent, AgentParams, ImageItem, Resources, Result, Unit
+from visa.agents.dp_parser import parse_final_score
+from visa.agents.dp_rubric import DESCRIPTION_INTRO, FINAL_LINE, IMAGE_INTRO, system_prompt
+from visa.agents.verbalize import EvidenceColumns, VerbalizeOptions, gather, verbalize
+from visa.backends.base import AnswerLogprobsRequest, Backend, GenerateRequest, Message
+from visa.backends.registry import BackendSpec, build_backend
+from visa.samples import Turn
+
+
+class Describer(BaseModel):
+    """An image agent the judge runs itself; its outputs appear as ``<score>.<name>[.<field>]``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    score: str
+    name: str
+    type: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+DEFAULT_DESCRIBERS = (
+    Describer(score="oa", name="tagger", type="tagger"),
+    Describer(score="image", name="stats", type="image_stats"),
+)
+
+
+class JudgeAgent(Agent):
+    """DP judge over any backend; see the module docstring for the modes."""
+
+    class Params(AgentParams):
+        backend: BackendSpec = Field(default_factory=lambda: BackendSpec(type="embedded_lm"))
+        mode: Literal["auto", "generate", "likelihood"] = Field(
+            "auto", description="auto: likelihood for embedded_lm, generate otherwise"
+        )
+        image_input: Literal["auto", "pixels", "verbalized"] = "auto"
+        language: Literal["en", "zh"] = "en"
+        examples: bool = Field(True, description="include the five worked examples in the prompt")
+        max_new_tokens: int = Field(512, ge=8)
+        describers: tuple[Describer, ...] = DEFAULT_DESCRIBERS
+        evidence: EvidenceColumns = Field(default_factory=EvidenceColumns)
+        verbalization: VerbalizeOptions = Field(default_factory=VerbalizeOptions)
+
+    params: Params
+    unit = Unit.IMAGE
+    outputs = {"score": pa.float64(), "raw": pa.string(), "parse_error": pa.string()}
+
+    def __init__(self, params: Params | None = None, *, backend: Backend | None = None,
+                 describers: Sequence[tuple[str, Agent]] | None = None):
+        super().__init__(params)
+        embedded = self.params.backend.type == "embedded_lm"
+        self.mode = self.params.mode if self.params.mode != "auto" else ("likelihood" if embedded else "generate")
+        self.verbalized = self.params.image_input == "verbalized" or (self.params.image_input == "auto" and embedded)
+        self._backend = backend
+        self._owns_backend = backend is None
+        self._describers: list[tuple[str, Agent]] | None = list(describers) if describers is not None else None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def setup(self) -> None:
+        if self._backend is None:
+            self._backend = build_backend(self.params.backend)
+        self._backend.setup()
+        if self.verbalized and self._describers is None:
+            from visa.registry import agent_class
+
+            self._describers = []
+            for spec in self.params.describers:
+                cls = agent_class(spec.type)
+                if cls.unit != Unit.IMAGE:
+                    raise ValueError(f"describer '{spec.type}' is not an image agent")
+                agent = cls(cls.Params(**spec.params))
+                agent.setup()
+                self._describers.append((f"{spec.score}.{spec.name}", agent))
+
+    def teardown(self) -> None:
+        if self._backend is not None and self._owns_backend:
+            self._backend.teardown()
+            self._backend = None
+        for _, agent in self._describers or []:
+            agent.teardown()
+
+    def models(self) -> dict[str, str]:
+        found = dict(self._backend.models()) if self._backend is not None else {}
+        for _, agent in self._describers or []:
+            found.update(agent.models())
+        return found
+
+    def resources(self) -> Resources:
+        return Resources(cpus=1.0, gpus=0.0 if self.params.backend.type in ("embedded_lm", "openai") else 1.0)
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            raise RuntimeError("JudgeAgent.setup() has not been called")
+        return self._backend
+
+    # -- prompts ------------------------------------------------------------------------------
+    def system(self) -> str:
+        return system_prompt(self.params.language, examples=self.params.examples)
+
+    def descriptions(self, items: Sequence[ImageItem]) -> list[str | Exception]:
+        """Verbalised evidence per image, from the describers' results."""
+        contexts: list[dict[str, Any]] = [{} for _ in items]
+        failures: list[Exception | None] = [None] * len(items)
+        for column, agent in self._describers or []:
+            for i, result in enumerate(agent.score_batch(items)):
+                if isinstance(result, Exception):
+                    failures[i] = failures[i] or result
+                    continue
+                for field_name, value in result.items():
+                    contexts[i][column if field_name == "score" else f"{column}.{field_name}"] = value
+        out: list[str | Exception] = []
+        for context, failure in zip(contexts, failures, strict=True):
+            text = verbalize(gather(context, self.params.evidence), self.params.verbalization)
+            if text:
+                out.append(text)
+            else:
+                out.append(failure or ValueError("the describers found nothing to describe"))
+        return out
+
+    def user_message(self, item: ImageItem, description: str | None) -> Message:
+        language = self.params.language
+        if description is None:
+            return Message("user", IMAGE_INTRO[language], (item.image,))
+        return Message("user", f"{DESCRIPTION_INTRO[language]}\n\n{description}")
+
+    # -- scoring ------------------------------------------------------------------------------
+    def score_batch(self, items: Sequence[ImageItem]) -> list[Result]:
+        results: list[Result | None] = [None] * len(items)
+        messages: dict[int, Message] = {}
+        descriptions = self.descriptions(items) if self.verbalized else [None] * len(items)
+        for i, (item, description) in enumerate(zip(items, descriptions, strict=True)):
+            if isinstance(description, Exception):
+                results[i] = description
+            else:
+                messages[i] = self.user_message(item, description)
+        if self.mode == "generate":
+            self._generate(messages, results)
+        else:
+            self._likelihood(messages, results)
+        return results  # type: ignore[return-value]
+
+    def _generate(self, messages: dict[int, Message], results: list[Result | None]) -> None:
+        system = Message("system", self.system())
+        slots = list(messages)
+        requests = [GenerateRequest((system, messages[i]), self.params.max_new_tokens) for i in slots]
+        answers = self.backend.generate(requests) if requests else []
+        for i, answer in zip(slots, answers, strict=True):
+            if isinstance(answer, Exception):
+                results[i] = answer
+                continue
+            parsed = parse_final_score(answer.text)
+            results[i] = {
+                "score": None if parsed.score is None else float(parsed.score),
+                "raw": answer.text,
+                "parse_error": parsed.error,
+            }
+
+    def _likelihood(self, messages: dict[int, Message], results: list[Result | None]) -> None:
+        system = Turn("system", self.system())
+        slots = list(messages)
+        requests = []
+        for i in slots:
+            message = messages[i]
+            for k in range(1, 6):
+                answer = FINAL_LINE[self.params.language].format(score=k)
+                requests.append(
+                    AnswerLogprobsRequest(
+                        (system, Turn("user", message.text), Turn("assistant", answer)), tuple(message.images)
+                    )
+                )
+        answers = self.backend.answer_logprobs(requests) if requests else []
+        for n, i in enumerate(slots):
+            options = answers[5 * n : 5 * n + 5]
+            failed = next((a for a in options if isinstance(a, Exception)), None)
+            if failed is not None:
+                results[i] = failed
+                continue
+            totals = np.asarray([float(np.sum(np.concatenate(a.per_turn))) for a in options])
+            probs = np.exp(totals - totals.max())
+            probs /= probs.sum()
+            results[i] = {
+                "score": float(np.dot(probs, np.arange(1, 6))),
+                "raw": "likelihood p(1..5) = " + " ".join(f"{p:.3f}" for p in probs),
+                "parse_error": None,
+            }
