@@ -1,0 +1,104 @@
+"""Text in the image: RapidOCR (PP-OCRv4 ONNX models shipped inside ``rapidocr-onnxruntime``).
+
+An SC agent: rendered text is a visual element the reference segmenter also splits into many masks
+(documents, charts, signs, screenshots). ``score`` is the number of text lines (boxes) found after
+the reference resize.
+
+With ``recognize: true`` (the default) each detected box is also read, boxes whose recognition
+confidence is below ``min_text_score`` are dropped (the detector alone fires on fur, coin rims and
+grass: 3-6 spurious boxes on some bundled photos, all dropped by recognition), and the recognised
+lines are returned as ``text`` (joined by newlines, truncated to ``max_text_chars``) for the language
+agents that verbalise the image. With ``recognize: false`` only the detector runs and ``score`` counts
+raw detector boxes; ``text`` is null. On the bundled photos recognition adds little time when an image
+has few boxes and roughly doubles it on text-heavy pages (see BENCHMARKS.md).
+
+Threads: ONNX Runtime uses ``OMP_NUM_THREADS`` intra-op threads when that variable is set, else its
+default (all cores).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from visa.agents.base import Agent, AgentParams, ImageItem, MissingDependency, Result, Unit
+from visa.agents.resize import reference_resize
+
+
+class OcrTextParams(AgentParams):
+    recognize: bool = Field(True, description="read the text (needed by language agents); else count boxes")
+    min_text_score: float = Field(0.5, ge=0, le=1, description="drop boxes read with lower confidence")
+    box_threshold: float = Field(0.5, ge=0, le=1, description="detector box score threshold")
+    max_side: int = Field(2000, ge=64, description="images are shrunk to this long side before detection")
+    max_text_chars: int = Field(500, ge=0, description="truncate the returned text to this many characters")
+
+
+class OcrTextAgent(Agent):
+    """SC: number of text lines (RapidOCR); also the recognised text for the language agents."""
+
+    unit = Unit.IMAGE
+    version = "1"
+    Params: ClassVar[type[AgentParams]] = OcrTextParams
+    outputs: ClassVar[dict[str, pa.DataType]] = {
+        "score": pa.float64(),
+        "text": pa.string(),
+        "text_chars": pa.int32(),
+    }
+    requires: ClassVar[dict[str, str]] = {"rapidocr_onnxruntime": "embedded"}
+    params: OcrTextParams
+
+    def setup(self) -> None:
+        try:
+            from rapidocr_onnxruntime import RapidOCR
+        except ImportError:
+            raise MissingDependency("rapidocr-onnxruntime", "embedded", "the ocr_text agent") from None
+        options: dict[str, Any] = {
+            "print_verbose": False,
+            "max_side_len": self.params.max_side,
+            "text_score": self.params.min_text_score,
+            "det_box_thresh": self.params.box_threshold,
+        }
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        if threads.isdigit() and int(threads) > 0:
+            options["intra_op_num_threads"] = int(threads)
+            options["inter_op_num_threads"] = 1
+        self._engine = RapidOCR(**options)
+
+    def teardown(self) -> None:
+        self._engine = None
+
+    def models(self) -> dict[str, str]:
+        from importlib.metadata import version
+
+        return {"ocr": f"rapidocr-onnxruntime=={version('rapidocr-onnxruntime')} (PP-OCRv4 det/rec)"}
+
+    def score_batch(self, items: Sequence[ImageItem]) -> list[Result]:
+        results: list[Result] = []
+        for item in items:
+            try:
+                results.append(self.read(item.image))
+            except Exception as err:  # noqa: BLE001 - reported per item
+                results.append(err)
+        return results
+
+    def read(self, image) -> dict[str, Any]:
+        """Count (and read) the text lines of one PIL image."""
+        rgb = np.asarray(reference_resize(image.convert("RGB")))
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # RapidOCR takes OpenCV's channel order for arrays
+        recognize = self.params.recognize
+        found, _elapsed = self._engine(bgr, use_det=True, use_cls=False, use_rec=recognize)
+        found = found or []
+        if not recognize:
+            return {"score": float(len(found)), "text": None, "text_chars": None}
+        lines = [str(entry[1]).strip() for entry in found]
+        text = "\n".join(line for line in lines if line)
+        return {
+            "score": float(len(found)),
+            "text": text[: self.params.max_text_chars],
+            "text_chars": len(text),
+        }

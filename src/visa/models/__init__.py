@@ -1,0 +1,1 @@
+"""Model definitions used by embedded agents (weights come from pip packages)."""
