@@ -10,6 +10,9 @@ from visa.agents.base import Agent
 
 AGENTS: dict[str, str] = {
     "image_stats": "visa.agents.image_stats:ImageStatsAgent",
+    "felzenszwalb": "visa.agents.felzenszwalb:FelzenszwalbAgent",
+    "ocr_text": "visa.agents.ocr_text:OcrTextAgent",
+    "tagger": "visa.agents.tagger:TaggerAgent",
     "perplexity": "visa.agents.answer_likelihood:PriorTokenPerplexityAgent",
     "mutual_information": "visa.agents.answer_likelihood:MutualInformationAgent",
     "evidence_likelihood": "visa.agents.answer_likelihood:EvidenceLikelihoodAgent",
