@@ -88,7 +88,7 @@ def tiny_backend():
 CONTEXT = {
     "oa.tagger.labels": ["tabby", "tabby", "face"],
     "oa.tagger.top_labels": ["tabby", "egyptian", "dog"],
-    "oa.tagger.probs": [0.7, 0.2, 0.01],
+    "oa.tagger.top_probs": [0.7, 0.2, 0.01],
     "sc.ocr_text.text": "",
     "sc.ocr_text": 0,
     "sc.felzenszwalb": 120,
@@ -362,7 +362,7 @@ def test_judge_likelihood_over_a_verbalized_image(tiny_backend) -> None:
 
     class Tagger:  # a describer stand-in: an image agent's outputs for the judge to verbalise
         def score_batch(self, items):
-            return [{"labels": ["tabby"], "top_labels": ["tabby", "dog"], "probs": [0.9, 0.05]} for _ in items]
+            return [{"labels": ["tabby"], "top_labels": ["tabby", "dog"], "top_probs": [0.9, 0.05]} for _ in items]
 
         def teardown(self):
             pass
@@ -403,7 +403,7 @@ def smollm():
 def test_smollm2_im_prefers_the_matching_description(smollm) -> None:
     im = MutualInformationAgent(backend=smollm)
     cat = sample("cat")
-    rocket_context = {"oa.tagger.top_labels": ["missile", "space shuttle"], "oa.tagger.probs": [0.6, 0.3]}
+    rocket_context = {"oa.tagger.top_labels": ["missile", "space shuttle"], "oa.tagger.top_probs": [0.6, 0.3]}
     rocket = sample("rocket", context=rocket_context)
     cat_im, rocket_im = (r["score"] for r in im.score_batch([cat, rocket]))
     assert cat_im > rocket_im

@@ -10,7 +10,7 @@ evidence           default column                          meaning
 =================  ======================================  ========================================
 ``labels``         ``oa.tagger.labels``                    detected tags, repeats = counts
 ``top_labels``     ``oa.tagger.top_labels``                the classifier's top-10 ImageNet labels
-``top_probs``      ``oa.tagger.probs``                     their probabilities
+``top_probs``      ``oa.tagger.top_probs``                 their probabilities
 ``ocr_text``       ``sc.ocr_text.text``                    recognised text
 ``ocr_boxes``      ``sc.ocr_text``                         number of text boxes
 ``regions``        ``sc.felzenszwalb``                     number of image regions
@@ -49,7 +49,7 @@ class EvidenceColumns(BaseModel):
 
     labels: str | None = "oa.tagger.labels"
     top_labels: str | None = "oa.tagger.top_labels"
-    top_probs: str | None = "oa.tagger.probs"
+    top_probs: str | None = "oa.tagger.top_probs"
     ocr_text: str | None = "sc.ocr_text.text"
     ocr_boxes: str | None = "sc.ocr_text"
     regions: str | None = "sc.felzenszwalb"
