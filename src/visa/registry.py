@@ -18,6 +18,9 @@ AGENTS: dict[str, str] = {
     "evidence_likelihood": "visa.agents.answer_likelihood:EvidenceLikelihoodAgent",
     "text_image_similarity": "visa.agents.text_image_similarity:TextImageSimilarityAgent",
     "judge": "visa.agents.judge:JudgeAgent",
+    "grounding_dino": "visa.agents.grounding_dino:GroundingDinoAgent",
+    "owlv2": "visa.agents.owlv2:Owlv2Agent",
+    "sam2": "visa.agents.sam2:Sam2Agent",
 }
 
 
