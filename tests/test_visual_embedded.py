@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from visa.agents.base import ImageItem
 from visa.agents.felzenszwalb import FelzenszwalbAgent
 from visa.agents.resize import FACTOR, MAX_PIXELS, MIN_PIXELS, reference_resize, reference_size
-from visa.agents.tagger import TaggerAgent, TaggerParams, oa_score
+from visa.agents.tagger import TaggerAgent, TaggerParams
 from visa.recipe import load_recipe
 
 IMAGES = Path(__file__).resolve().parent.parent / "examples" / "images"
@@ -241,7 +241,6 @@ def test_oa_finalize_matches_a_hand_computation(tagger_free: TaggerAgent) -> Non
     assert scores[0] == pytest.approx(2 * math.log(n / 1) + math.log(n / 2))
     assert scores[1] == pytest.approx(math.log(n / 2))
     assert scores[2] == 0.0 and scores[3] is None
-    assert oa_score({"cat": 2}, {"cat": 1}, 3) == pytest.approx(2 * math.log(3))
 
 
 def test_oa_changes_when_the_pool_changes(tagger_free: TaggerAgent) -> None:

