@@ -134,7 +134,11 @@ def run_agent(agent: Any, items: list, batch: int) -> list[dict[str, Any]]:
 
 
 def command_auroc(args: argparse.Namespace) -> dict[str, Any]:
-    from visa.agents.answer_likelihood import EvidenceLikelihoodAgent, MutualInformationAgent, PriorTokenPerplexityAgent
+    from visa.agents.answer_likelihood import (
+        EvidenceLikelihoodAgent,
+        MutualInformationAgent,
+        PriorTokenPerplexityAgent,
+    )
     from visa.agents.text_image_similarity import TextImageSimilarityAgent
     from visa.backends.embedded_lm import EmbeddedLMBackend
     from visa.fusion import fuse_family
