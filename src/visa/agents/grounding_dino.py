@@ -478,6 +478,7 @@ class GroundingDinoAgent(Agent):
         self._device = "cpu"
         self._prompts: list[Prompt] = []
         self._text_cache: dict[tuple[int, ...], TextEncoding] = {}
+        self._vocabulary_ids: set[tuple[int, ...]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def models(self) -> dict[str, str]:
@@ -522,6 +523,7 @@ class GroundingDinoAgent(Agent):
         self._image_processor = image_processor
         self._text_cache = {}
         self._prompts = self.pack(load_tags(self.params.tags), self.params.repeats)
+        self._vocabulary_ids = {prompt.input_ids for prompt in self._prompts}
 
     def teardown(self) -> None:
         self._model = None
@@ -624,7 +626,7 @@ class GroundingDinoAgent(Agent):
             return cached
         ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=self._device)
         encoding = encode_text(self._model, ids)
-        if len(self._text_cache) < 4 * max(1, len(self._prompts)):
+        if prompt.input_ids in self._vocabulary_ids:  # per-image prompts (fast mode) are not kept
             self._text_cache[prompt.input_ids] = encoding
         return encoding
 

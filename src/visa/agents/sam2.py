@@ -16,7 +16,8 @@ The generator is written here on top of transformers' ``Sam2Model`` (which runs 
 4. small regions: holes and islands below ``min_mask_region_area`` pixels are filled/removed, then a
    last box NMS prefers masks that needed no such fix.
 Points per batch shrink with the image size so that the upsampled mask logits and the decoder's
-per-point copies of the image features stay within ``memory_budget_mb``. On CUDA the model runs
+per-point copies of the image features stay within ``memory_budget_mb`` (default: 2 GiB on CPU, a
+quarter of the GPU's memory up to 16 GiB on CUDA). On CUDA the model runs
 under bf16 autocast (the reference does the same).
 """
 
@@ -213,7 +214,11 @@ class Sam2Params(AgentParams):
     points_per_batch: int | None = Field(
         None, ge=1, description="None: from the image size and memory_budget_mb"
     )
-    memory_budget_mb: int = Field(2048, ge=64, description="working memory of one point batch (auto sizing)")
+    memory_budget_mb: int | None = Field(
+        None,
+        ge=64,
+        description="working memory of one point batch; None: 2 GiB on CPU, 1/4 of the GPU (<= 16 GiB)",
+    )
     pred_iou_thresh: float = 0.4
     stability_score_thresh: float = 0.92
     stability_score_offset: float = 0.7
@@ -370,8 +375,18 @@ class Sam2Agent(Agent):
         per_mask_logits = 4 * crop_width * crop_height * (3 if self.params.multimask_output else 1)
         per_point_features = 4 * hidden * (size // 16) ** 2 * 8
         per_point = per_mask_logits + per_point_features
-        fit = max(1, self.params.memory_budget_mb * 2**20 // per_point)
+        fit = max(1, self._memory_budget_mb() * 2**20 // per_point)
         return int(min(256, max(4, 2 ** int(math.log2(fit)))))
+
+    def _memory_budget_mb(self) -> int:
+        if self.params.memory_budget_mb is not None:
+            return self.params.memory_budget_mb
+        if self._device.startswith("cuda"):
+            import torch
+
+            total = torch.cuda.get_device_properties(torch.device(self._device)).total_memory
+            return int(min(16384, total / 4 / 2**20))
+        return 2048
 
     def _embed(self, crop: Image.Image) -> list[torch.Tensor]:
         import torch
