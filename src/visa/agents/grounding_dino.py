@@ -450,6 +450,18 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def device_resources(device: str, gpu_memory_gb: float) -> Resources:
+    """What an agent on ``device`` needs: one GPU for cuda (and for auto when CUDA is present)."""
+    if device == "cpu":
+        return Resources(cpus=1.0)
+    if device == "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            return Resources(cpus=1.0)
+    return Resources(cpus=1.0, gpus=1.0, gpu_memory_gb=gpu_memory_gb)
+
+
 class GroundingDinoAgent(Agent):
     """Open-vocabulary detection of the tag vocabulary with Grounding DINO; OA = TF-IDF of the labels.
 
@@ -485,9 +497,7 @@ class GroundingDinoAgent(Agent):
         return {self.params.model_id: self.params.revision}
 
     def resources(self) -> Resources:
-        if self.params.device == "cpu":
-            return Resources(cpus=1.0)
-        return Resources(cpus=1.0, gpus=1.0, gpu_memory_gb=6.0)
+        return device_resources(self.params.device, 6.0)
 
     def setup(self) -> None:
         if self._model is not None:

@@ -23,7 +23,7 @@ from PIL import Image
 from pydantic import Field
 
 from visa.agents.base import Agent, AgentParams, ImageItem, MissingDependency, Resources, Result, Unit
-from visa.agents.grounding_dino import Detection, dedup_same_label, resolve_device
+from visa.agents.grounding_dino import Detection, dedup_same_label, device_resources, resolve_device
 from visa.agents.tfidf import finalize_tfidf
 from visa.agents.vocabulary import load_tags
 
@@ -73,9 +73,7 @@ class Owlv2Agent(Agent):
         return {self.params.model_id: self.params.revision}
 
     def resources(self) -> Resources:
-        if self.params.device == "cpu":
-            return Resources(cpus=1.0)
-        return Resources(cpus=1.0, gpus=1.0, gpu_memory_gb=4.0)
+        return device_resources(self.params.device, 4.0)
 
     def setup(self) -> None:
         if self._model is not None:

@@ -34,7 +34,7 @@ from PIL import Image
 from pydantic import Field
 
 from visa.agents.base import Agent, AgentParams, ImageItem, MissingDependency, Resources, Result, Unit
-from visa.agents.grounding_dino import batched_nms, nms, resolve_device
+from visa.agents.grounding_dino import batched_nms, device_resources, nms, resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -266,9 +266,7 @@ class Sam2Agent(Agent):
         return {self.params.model_id: self.params.revision}
 
     def resources(self) -> Resources:
-        if self.params.device == "cpu":
-            return Resources(cpus=1.0)
-        return Resources(cpus=1.0, gpus=1.0, gpu_memory_gb=8.0)
+        return device_resources(self.params.device, 8.0)
 
     def setup(self) -> None:
         if self._model is not None:
