@@ -1,0 +1,147 @@
+"""Benchmarks shipped with the tool: `visa bench noise` (selection quality) and `visa bench speed`.
+
+``register(app)`` adds the ``bench`` sub-command group to the `visa` Typer app.
+"""
+
+from pathlib import Path
+from typing import Annotated, Any
+
+
+def register(app: Any) -> None:
+    """Add ``visa bench noise`` and ``visa bench speed`` to ``app`` (a typer.Typer)."""
+    import typer
+    from rich.console import Console
+    from rich.text import Text
+
+    bench = typer.Typer(
+        name="bench",
+        help="Measure selection quality on injected noise, and speed.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    console = Console(stderr=True)
+    out = Console(width=200)
+
+    def fail(message: str) -> None:
+        console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+        raise typer.Exit(2)
+
+    def user_errors() -> tuple[type[BaseException], ...]:
+        from visa.bench.noise import BenchError
+        from visa.readers import InputError
+        from visa.recipe import RecipeError
+        from visa.selection import SelectionError
+        from visa.store import WorkDirMismatch
+
+        return (
+            BenchError,
+            RecipeError,
+            InputError,
+            SelectionError,
+            WorkDirMismatch,
+            FileNotFoundError,
+            NotADirectoryError,
+        )
+
+    @bench.command("noise")
+    def noise_cmd(
+        data: Annotated[
+            Path,
+            typer.Option("--data", "-d", help="clean LLaVA .json/.jsonl (meta.kind 'clean' records, or all)"),
+        ],
+        out_dir: Annotated[
+            Path, typer.Option("--out", "-o", help="folder for the pool, the run and the report")
+        ],
+        recipe: Annotated[
+            str, typer.Option("--recipe", "-r", help="bundled recipe name or YAML path")
+        ] = "embedded",
+        image_root: Annotated[
+            Path | None, typer.Option("--image-root", help="folder image paths resolve under")
+        ] = None,
+        seed: Annotated[int, typer.Option("--seed", help="seed of the pool and the random baseline")] = 0,
+        budget: Annotated[
+            str, typer.Option("--budget", help="selection budget: a count or a percentage")
+        ] = "50%",
+        misaligned: Annotated[
+            float, typer.Option("--misaligned", min=0, help="misaligned samples per clean sample")
+        ] = 0.25,
+        degraded: Annotated[
+            float,
+            typer.Option("--degraded", min=0, help="degraded samples per clean sample, per degradation"),
+        ] = 0.08,
+        text_only: Annotated[
+            float, typer.Option("--text-only", min=0, help="text-only samples per clean sample")
+        ] = 0.15,
+        kinds: Annotated[
+            str, typer.Option("--kinds", help="comma-separated noise kinds to inject")
+        ] = "misaligned,blank,blur,thumbnail,noise,jpeg,text_only",
+        max_clean: Annotated[
+            int | None, typer.Option("--max-clean", min=2, help="use at most this many clean records")
+        ] = None,
+        workers: Annotated[int, typer.Option("--workers", "-w", min=1)] = 1,
+    ) -> None:
+        """Inject labelled noise into clean data, score and select it, and rate every signal by AUROC and precision."""
+        from visa.bench.noise import PoolOptions, rich_table, run_noise
+        from visa.progress import RunProgress, make_progress
+
+        options = PoolOptions(
+            seed=seed,
+            misaligned=misaligned,
+            degraded=degraded,
+            text_only=text_only,
+            kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+            max_clean=max_clean,
+        )
+        if image_root is not None and not image_root.is_dir():
+            fail(f"--image-root is not a folder: {image_root}")
+        try:
+            with make_progress(console) as bars:
+                report = run_noise(
+                    recipe,
+                    data,
+                    out_dir,
+                    image_root=image_root,
+                    seed=seed,
+                    budget=budget,
+                    pool_options=options,
+                    workers=workers,
+                    progress=RunProgress(bars),
+                )
+        except user_errors() as err:
+            fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+            return
+        out.print(rich_table(report))
+        out.print(f"report: {out_dir / 'noise.json'}, {out_dir / 'noise.md'}")
+
+    @bench.command("speed")
+    def speed_cmd(
+        data: Annotated[
+            Path | None, typer.Option("--data", "-d", help="input (default: the bundled examples)")
+        ] = None,
+        out_dir: Annotated[
+            Path, typer.Option("--out", "-o", help="folder for the run and the report")
+        ] = Path("runs/bench-speed"),
+        recipe: Annotated[
+            str, typer.Option("--recipe", "-r", help="bundled recipe name or YAML path")
+        ] = "embedded",
+        image_root: Annotated[
+            Path | None, typer.Option("--image-root", help="folder image paths resolve under")
+        ] = None,
+        workers: Annotated[int, typer.Option("--workers", "-w", min=1)] = 1,
+        ratios: Annotated[
+            bool, typer.Option("--ratios", help="also rerun the cheap naive-vs-optimised benchmarks")
+        ] = False,
+    ) -> None:
+        """Images/s and samples/s per agent and end to end, and peak memory, of one scoring run."""
+        from visa.bench.speed import rich_table, run_speed
+
+        try:
+            report = run_speed(recipe, data, out_dir, image_root=image_root, workers=workers, ratios=ratios)
+        except user_errors() as err:
+            fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+            return
+        out.print(rich_table(report))
+        out.print(f"report: {out_dir / 'speed.json'}, {out_dir / 'speed.md'}")
+
+    app.add_typer(bench, name="bench")
