@@ -238,6 +238,10 @@ def test_bench_noise_and_speed_commands_end_to_end(tmp_path: Path):
     assert {"sc", "sc.felzenszwalb", "selection", "random"} <= set(rows)
     assert rows["sc"]["auroc"]["blank"] == 1.0  # a flat image has one region, every photo more
     assert rows["selection"]["selected"] == 7
+    by_kind = report["selection_by_kind"]
+    assert sum(e["kept"] for e in by_kind.values()) == 7
+    assert {k: e["pool"] for k, e in by_kind.items()} == report["pool"]["counts"]
+    assert by_kind["blank"]["kept"] + sum(by_kind["blank"]["dropped"].values()) == 3
     assert (out / "noise.md").read_text().startswith("| signal |")
     assert "AUROC" in result.output
 

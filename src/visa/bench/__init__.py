@@ -82,7 +82,7 @@ def register(app: Any) -> None:
         workers: Annotated[int, typer.Option("--workers", "-w", min=1)] = 1,
     ) -> None:
         """Inject labelled noise into clean data, score and select it, and rate every signal by AUROC and precision."""
-        from visa.bench.noise import PoolOptions, rich_table, run_noise
+        from visa.bench.noise import PoolOptions, breakdown_markdown, rich_table, run_noise
         from visa.progress import RunProgress, make_progress
 
         options = PoolOptions(
@@ -112,6 +112,9 @@ def register(app: Any) -> None:
             fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
             return
         out.print(rich_table(report))
+        out.print(
+            "selection by noise kind:\n" + breakdown_markdown(report["selection_by_kind"]), markup=False
+        )
         out.print(f"report: {out_dir / 'noise.json'}, {out_dir / 'noise.md'}")
 
     @bench.command("speed")

@@ -550,6 +550,35 @@ def evaluate(
     }
 
 
+def selection_breakdown(
+    pool: list[dict[str, Any]], rows: Sequence[int], selected: Sequence[bool], reasons: Sequence[str | None]
+) -> dict[str, dict[str, Any]]:
+    """Per noise kind: pool count, kept count and share, and how many each selection rule dropped."""
+    out: dict[str, dict[str, Any]] = {}
+    for row, kept, reason in zip(rows, selected, reasons, strict=True):
+        kind = pool[row].get("meta", {}).get("noise", "clean")
+        entry = out.setdefault(kind, {"pool": 0, "kept": 0, "dropped": {}})
+        entry["pool"] += 1
+        if kept:
+            entry["kept"] += 1
+        else:
+            key = reason or "unknown"
+            entry["dropped"][key] = entry["dropped"].get(key, 0) + 1
+    order = ["clean", *NOISE_KINDS]
+    result = {k: out[k] for k in sorted(out, key=lambda k: order.index(k) if k in order else len(order))}
+    for entry in result.values():
+        entry["kept_share"] = _round(entry["kept"] / entry["pool"])
+    return result
+
+
+def breakdown_markdown(breakdown: Mapping[str, Mapping[str, Any]]) -> str:
+    lines = ["| kind | pool | kept | kept share | dropped by |", "|---|---:|---:|---:|---|"]
+    for kind, e in breakdown.items():
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(e["dropped"].items(), key=lambda kv: -kv[1])) or "-"
+        lines.append(f"| {kind} | {e['pool']} | {e['kept']} | {e['kept_share']:.2f} | {dropped} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(report: Mapping[str, Any]) -> str:
     """The report as a Markdown table (one row per signal)."""
     kinds = [k for k in NOISE_KINDS if k in report["pool"]["counts"]] + ["all"]
@@ -642,13 +671,19 @@ def run_noise(
     result = select(run_dir, resolve_options(record, {"budget": budget, "seed": seed}), write_records=False)
     import pyarrow.parquet as pq
 
-    selection = pq.read_table(run_dir / "selection.parquet", columns=["row", "selected"])
+    selection = pq.read_table(run_dir / "selection.parquet", columns=["row", "selected", "reason"])
     scores_rows = pq.read_table(run_dir / "scores.parquet", columns=["row"]).column("row").to_pylist()
     chosen = dict(
         zip(selection.column("row").to_pylist(), selection.column("selected").to_pylist(), strict=True)
     )
     selected = np.array([bool(chosen.get(r, False)) for r in scores_rows])
     report = evaluate(run_dir, pool_path, selected, budget, seed=seed, draws=draws)
+    report["selection_by_kind"] = selection_breakdown(
+        read_records(pool_path),
+        selection.column("row").to_pylist(),
+        selection.column("selected").to_pylist(),
+        selection.column("reason").to_pylist(),
+    )
     report["recipe"] = loaded.name
     report["input"] = str(data)
     report["seed"] = seed
@@ -657,5 +692,10 @@ def run_noise(
         "select_seconds": round(result.timings.get("total", 0.0), 3),
     }
     (out_dir / "noise.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "noise.md").write_text(markdown_table(report), encoding="utf-8")
+    (out_dir / "noise.md").write_text(
+        markdown_table(report)
+        + "\nThe selection, by noise kind:\n\n"
+        + breakdown_markdown(report["selection_by_kind"]),
+        encoding="utf-8",
+    )
     return report
