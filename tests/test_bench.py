@@ -270,3 +270,29 @@ def test_bench_noise_and_speed_commands_end_to_end(tmp_path: Path):
     assert agents["sc.felzenszwalb"]["items"] == 3 and agents["sc.felzenszwalb"]["rate_unit"] == "images/s"
     assert speed["records"] == 8 and speed["end_to_end"]["samples_per_second"] > 0
     assert 20 < speed["peak_rss_mib"] < 4096
+
+
+@pytest.mark.slow
+def test_similarity_baseline_is_computed_from_evidence_when_the_run_has_no_similarity_agent():
+    pytest.importorskip("sentence_transformers")
+    from visa.bench.noise import SIMILARITY_COLUMN, similarity_values
+
+    def turns(question: str, answer: str) -> list[dict]:
+        return [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
+
+    pool = [
+        {"image": "a.jpg", "conversations": turns("What animal is this?", "A tabby cat curled up asleep.")},
+        {"image": "b.jpg", "conversations": turns("What animal is this?", "A tabby cat curled up asleep.")},
+    ]
+    table = pa.table(
+        {
+            "row": [0, 1],
+            "oa.tagger.top_labels": [["tabby cat", "Egyptian cat"], ["space shuttle", "missile"]],
+            "oa.tagger.top_probs": [[0.7, 0.2], [0.8, 0.1]],
+        }
+    )
+    values, source = similarity_values(table, pool)
+    assert source.startswith("computed") and values[0] > values[1] + 0.1
+    with_column = table.append_column(SIMILARITY_COLUMN, pa.array([0.1, None], pa.float64()))
+    values, source = similarity_values(with_column, pool)
+    assert source == f"column {SIMILARITY_COLUMN}" and values[0] == 0.1 and values[1] == -np.inf

@@ -468,6 +468,7 @@ def similarity_values(table: Any, pool: list[dict[str, Any]]) -> tuple[np.ndarra
             str(i),
             str(i),
             conversation_turns(pool[r]["conversations"]),
+            image_keys=(str(pool[r].get("image", "")),) if pool[r].get("image") else (),
             context={c: context[c][i] for c in present},
         )
         for i, r in enumerate(rows)
