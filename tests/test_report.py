@@ -564,3 +564,11 @@ def test_browser_check_detects_network_loads(tmp_path: Path):
     seen = browser.open_page(page_path, height=600)
     assert any(u.startswith("http://127.0.0.1:9/") for u in seen.network)
     assert any("boom" in e for e in seen.errors)
+
+
+def test_float_columns_without_nulls_are_read_into_writable_arrays():
+    """Arrow hands out read-only zero-copy views of null-free columns; the report must not write to them."""
+    from visa.report.data import _floats
+
+    values = _floats(pa.chunked_array([pa.array([1.0, float("inf"), 3.0])]))
+    assert np.isnan(values[1]) and values[0] == 1.0 and values[2] == 3.0

@@ -228,7 +228,7 @@ def _ints(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def _floats(column: pa.ChunkedArray) -> np.ndarray:
-    values = np.asarray(column.cast(pa.float64()).to_numpy(), dtype=np.float64)
+    values = np.array(column.cast(pa.float64()).to_numpy(), dtype=np.float64)  # a writable copy
     values[~np.isfinite(values)] = np.nan
     return values
 
