@@ -205,6 +205,15 @@ def version_cmd() -> None:
     out.print(__version__)
 
 
+def _register_subcommands() -> None:
+    from visa.bench import register as register_bench
+
+    register_bench(app)
+
+
+_register_subcommands()
+
+
 def main() -> None:
     try:
         app()
