@@ -4,7 +4,8 @@ Per shard, one row flows through a streaming Ray Data pipeline::
 
     driver: read input, skip finished shards -> bounded feed (a queue actor, read by one read task)
     prepare_shard   task (CPU: parse, read image bytes, hash)
-    agent 1..n      one actor pool per agent (setup() once per actor; its CPUs/GPUs/memory reserved)
+    pool 1..n       one actor pool per agent, or per group of agents sharing a model
+                    (setup() once per actor; its CPUs/GPUs/memory reserved)
     commit_shard    task (sample rows, then the completion marker)
     driver: stats -> progress, run record
 
@@ -19,6 +20,7 @@ Ray is imported only here, and only when a run starts; ``pip install 'visa[ray]'
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -41,7 +43,6 @@ from visa.pipeline import (
     AgentGroup,
     AgentStats,
     PlannedAgent,
-    PreparedShard,
     ProgressHook,
     ShardStats,
     commit_shard,
@@ -55,6 +56,8 @@ from visa.store import WorkDir, atomic_write_bytes
 ShardHook = Callable[[ShardStats], None]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: The last line of a Python traceback: ``package.module.ErrorName: message``.
+_RAISED = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*): (\S.*)$", re.MULTILINE)
 
 #: Raw shards waiting in the feed; Ray Data's own backpressure bounds what is in flight after it.
 FEED_SLOTS = 4
@@ -219,7 +222,6 @@ def _commit_stage(batch: dict[str, np.ndarray], *, run_dir: str, fingerprints: l
     work = WorkDir(Path(run_dir))
     out = []
     for prepared in batch["item"]:
-        assert isinstance(prepared, PreparedShard)
         stats = commit_shard(work, prepared, fingerprints, prepared.stats.seconds)
         out.append(_stats_to_json(stats))
     return {"stats": np.array(out, dtype=object)}
@@ -248,7 +250,6 @@ class RayExecutor:
     ``gpu_memory_gb`` reserves that fraction of a GPU instead of a whole one (packing).
     ``max_attempts``: how often one agent may start one shard (Ray restarts a crashed actor and
     retries its work forever; an input that crashes the process would loop).
-
     ``check_resources``: refuse, before any work, pools that the cluster cannot hold (a stalled
     pipeline otherwise); turn off for an autoscaling cluster that will add the nodes.
     """
@@ -264,6 +265,8 @@ class RayExecutor:
         check_resources: bool = True,
         runtime_env: Mapping[str, Any] | None = None,
     ):
+        if importlib.util.find_spec("ray") is None:  # fail when the run is set up, not when it starts
+            raise MissingDependency("ray", "ray", "the Ray executor")
         if task_cpus <= 0:
             raise ValueError("task_cpus must be > 0")
         self.address = address
@@ -460,7 +463,7 @@ class RayExecutor:
                                 on_items(column, agent_stats.items)
                         on_shard(stats)
             except Exception as err:
-                raise _stopped(ray, err) from err
+                raise _stopped(err) from err
             finally:
                 stop.set()
                 thread.join(timeout=10)
@@ -580,23 +583,37 @@ def _quiet_ray_data(ray: Any) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _stopped(ray: Any, err: Exception) -> ExecutorError:
-    """One clear error for a failed pipeline: the stage's own error, without Ray's wrapping."""
-    cause: BaseException = err
+def _stopped(err: Exception) -> ExecutorError:
+    """One clear error for a failed pipeline: the error a stage raised, without Ray's wrapping.
+
+    Ray passes a worker's exception on as text (its traceback inside Ray's own error), so the stage's
+    error is the last traceback line naming an exception that is not one of Ray's.
+    """
     seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
+    todo: list[BaseException | None] = [err]
+    text: list[str] = []
+    while todo:
+        current = todo.pop(0)
+        if current is None or id(current) in seen:
+            continue
         seen.add(id(current))
         if isinstance(current, ExecutorError):
             return current
-        if isinstance(current, ray.exceptions.RayTaskError) and isinstance(getattr(current, "cause", None), Exception):
-            cause = current.cause
-        current = current.__cause__ or current.__context__
-    if isinstance(cause, ExecutorError):
-        return cause
-    lines = [line.strip() for line in _ANSI.sub("", str(cause)).splitlines() if line.strip()]
-    if type(cause).__module__.startswith("ray.") and lines:
-        detail = lines[-1]  # Ray's own errors end with the traceback of the error raised in the worker
-    else:
-        detail = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+        if not type(current).__module__.startswith("ray") and not isinstance(current, StopIteration):
+            lines = str(current).strip().splitlines()
+            return _stop_message(type(current).__qualname__, lines[0] if lines else "")
+        text.append(_ANSI.sub("", str(current)))
+        todo += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    found = [m for m in _RAISED.finditer("\n".join(text)) if not m.group(1).startswith("ray.")]
+    if not found:
+        first = next((line for chunk in text for line in chunk.splitlines() if line.strip()), type(err).__name__)
+        return _stop_message(type(err).__name__, first.strip())
+    name, message = found[-1].group(1), found[-1].group(2)
+    if name.endswith(f".{ExecutorError.__name__}"):
+        return ExecutorError(message)
+    return _stop_message(name.rpartition(".")[2], message)
+
+
+def _stop_message(name: str, message: str) -> ExecutorError:
+    detail = f"{name}: {message}" if message else name
     return ExecutorError(f"the Ray run stopped: {detail}; finished shards are stored, rerun to resume")
