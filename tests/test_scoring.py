@@ -275,3 +275,17 @@ def test_hostile_corpus_errors_exactly_the_bad_records(tmp_path):
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["counts"]["malformed"] == 1 and run["counts"]["malformed_lines"] == [malformed[0]["line"]]
     shutil.rmtree(tmp_path / "h")
+
+
+@pytest.mark.timeout(240)
+def test_cli_ray_executor_gives_the_local_table(tmp_path):
+    pytest.importorskip("ray")
+    data = make_dataset(tmp_path / "d", n_images=3, per_image=2)
+    # Pools sized from the recipe so that a 2-CPU machine keeps CPU for the prepare/commit tasks.
+    recipe = write_recipe(tmp_path / "pools.yaml", CHEAP.replace("}]", ", pool: {cpus: 0.5}}]"))
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
+    for executor, out in (("local", "local"), ("ray", "ray")):
+        proc = _visa("score", "--recipe", str(recipe), "--data", str(data), "--out", str(tmp_path / out),
+                     "--executor", executor, env=env)
+        assert proc.wait(timeout=200) == 0, proc.stderr.read().decode()[-2000:]
+    assert table_of(tmp_path / "ray") == table_of(tmp_path / "local")

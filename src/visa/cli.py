@@ -29,14 +29,26 @@ RootOpt = Annotated[
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="run folder (created; rerun the same command to resume)")]
 WorkersOpt = Annotated[int, typer.Option("--workers", "-w", min=1, help="worker processes for the local executor")]
+ExecutorOpt = Annotated[
+    str, typer.Option("--executor", help="local: this machine (--workers processes); ray: a Ray cluster (visa[ray])")
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option("--ray-address", help="for --executor ray: 'auto' on a cluster node, ray://HOST:10001; default: start Ray here"),
+]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from visa.agents.base import MissingDependency
+    from visa.executors.ray import ExecutorError
     from visa.readers import InputError
     from visa.recipe import RecipeError
     from visa.store import WorkDirMismatch
 
-    return (RecipeError, InputError, WorkDirMismatch, FileNotFoundError, NotADirectoryError)
+    return (
+        RecipeError, InputError, WorkDirMismatch, FileNotFoundError, NotADirectoryError, MissingDependency,
+        ExecutorError,
+    )
 
 
 def _fail(message: str) -> None:
@@ -44,19 +56,40 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def run_score(recipe_name: str, data: Path, out_dir: Path, image_root: Path | None, workers: int) -> dict[str, Any]:
+def _executor(executor: str, workers: int, ray_address: str | None) -> Any:
+    if executor not in ("local", "ray"):
+        _fail(f"--executor must be 'local' or 'ray', not '{executor}'")
+    if executor == "local":
+        if ray_address:
+            _fail("--ray-address needs --executor ray")
+        return None
+    if workers != 1:
+        _fail("--workers is for the local executor; size Ray pools with the recipe's pool: fields")
+    from visa.executors.ray import RayExecutor
+
+    return RayExecutor(address=ray_address)
+
+
+def run_score(
+    recipe_name: str, data: Path, out_dir: Path, image_root: Path | None, workers: int,
+    executor: str = "local", ray_address: str | None = None,
+) -> dict[str, Any]:
     from visa.progress import RunProgress, make_progress, summary_table
     from visa.recipe import load_recipe
     from visa.scoring import score
 
     try:
+        runner = _executor(executor, workers, ray_address)
         recipe = load_recipe(recipe_name)
         if not data.exists():
             raise FileNotFoundError(f"input not found: {data}")
         if image_root is not None and not image_root.is_dir():
             raise NotADirectoryError(f"--image-root is not a folder: {image_root}")
         with make_progress(console) as bars:
-            record = score(recipe, data, out_dir, image_root=image_root, workers=workers, progress=RunProgress(bars))
+            record = score(
+                recipe, data, out_dir, image_root=image_root, workers=workers, executor=runner,
+                progress=RunProgress(bars),
+            )
     except _user_errors() as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     out.print(summary_table(record))
@@ -64,9 +97,12 @@ def run_score(recipe_name: str, data: Path, out_dir: Path, image_root: Path | No
 
 
 @app.command("score")
-def score_cmd(recipe: RecipeOpt, data: DataOpt, out: OutOpt, image_root: RootOpt = None, workers: WorkersOpt = 1) -> None:
+def score_cmd(
+    recipe: RecipeOpt, data: DataOpt, out: OutOpt, image_root: RootOpt = None, workers: WorkersOpt = 1,
+    executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
+) -> None:
     """Score every record with the recipe's agents into OUT/scores.parquet (resumable)."""
-    run_score(recipe, data, out, image_root, workers)
+    run_score(recipe, data, out, image_root, workers, executor, ray_address)
 
 
 SELECT_HELP = {
@@ -136,9 +172,11 @@ def run_cmd(
     budget: Annotated[str, _opt("budget")],
     image_root: RootOpt = None,
     workers: WorkersOpt = 1,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
 ) -> None:
-    """Score, then select BUDGET samples (then write the report)."""
-    run_score(recipe, data, out, image_root, workers)
+    """Score, then select BUDGET samples, then write the report."""
+    run_score(recipe, data, out, image_root, workers, executor, ray_address)
     run_select(out, {"budget": budget})
     run_report(out)
 

@@ -31,10 +31,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class PoolSpec(_Strict):
+    """How the Ray executor runs an agent (the local executor ignores it; it is not part of identity)."""
+
+    size: int | tuple[int, int] | None = Field(None, description="actors: a count, or [min, max] to autoscale")
+    cpus: float | None = Field(None, gt=0, description="CPUs per actor (default: the agent's declared resources)")
+    gpus: float | None = Field(None, ge=0, description="GPUs per actor; fractions pack several pools on one GPU")
+    memory_gb: float | None = Field(None, gt=0, description="host memory reserved per actor")
+    group: str | None = Field(None, description="agents with the same group share one pool (one process)")
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: int | tuple[int, int] | None) -> int | tuple[int, int] | None:
+        if value is not None:
+            low, high = (value, value) if isinstance(value, int) else value
+            if not 1 <= low <= high:
+                raise ValueError("pool size must be >= 1, or [min, max] with 1 <= min <= max")
+        return value
+
+
 class AgentSpec(_Strict):
     name: str
     type: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+    pool: PoolSpec | None = None
 
     @property
     def agent_type(self) -> str:
