@@ -33,12 +33,14 @@ class BackendSpec(BaseModel):
 
     @model_validator(mode="after")
     def _known(self) -> BackendSpec:
+        """Unknown backends and unknown or invalid backend parameters fail when the recipe loads."""
         if self.type not in BACKENDS:
             from visa.registry import did_you_mean
 
             raise ValueError(
                 f"unknown backend '{self.type}'{did_you_mean(self.type, BACKENDS)}; known: {', '.join(BACKENDS)}"
             )
+        backend_class(self.type).Params(**self.params)  # type: ignore[attr-defined]
         return self
 
 
