@@ -163,3 +163,23 @@ class Agent(ABC):
     @classmethod
     def all_outputs(cls) -> dict[str, pa.DataType]:
         return {**cls.outputs, **cls.finalized_outputs}
+
+
+class PerImageAgent(Agent):
+    """An image agent that scores one image at a time (``score_image``); an image that raises becomes
+    its own error result while the others of the batch are scored."""
+
+    unit = Unit.IMAGE
+
+    def score_batch(self, items: Sequence[ImageItem]) -> list[Result]:  # type: ignore[override]
+        results: list[Result] = []
+        for item in items:
+            try:
+                results.append(self.score_image(item.image))
+            except Exception as err:  # noqa: BLE001 - reported per item
+                results.append(err)
+        return results
+
+    @abstractmethod
+    def score_image(self, image: Image.Image) -> dict[str, Any]:
+        """The outputs of one RGB image."""

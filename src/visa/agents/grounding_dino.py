@@ -40,7 +40,7 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import Field
 
-from visa.agents.base import Agent, AgentParams, ImageItem, MissingDependency, Resources, Result, Unit
+from visa.agents.base import AgentParams, MissingDependency, PerImageAgent, Resources, Unit
 from visa.agents.tfidf import finalize_tfidf
 from visa.agents.vocabulary import Prompt, TagSpan, load_tags, pack_prompts
 
@@ -462,7 +462,7 @@ def device_resources(device: str, gpu_memory_gb: float) -> Resources:
     return Resources(cpus=1.0, gpus=1.0, gpu_memory_gb=gpu_memory_gb)
 
 
-class GroundingDinoAgent(Agent):
+class GroundingDinoAgent(PerImageAgent):
     """Open-vocabulary detection of the tag vocabulary with Grounding DINO; OA = TF-IDF of the labels.
 
     Outputs per image: ``labels`` (one tag per detected object), ``boxes`` (relative x0, y0, x1, y1,
@@ -559,17 +559,6 @@ class GroundingDinoAgent(Agent):
         )
 
     # -- scoring --------------------------------------------------------------------------------
-    def score_batch(self, items: Sequence[ImageItem]) -> list[Result]:
-        if self._model is None:
-            self.setup()
-        results: list[Result] = []
-        for item in items:
-            try:
-                results.append(self.score_image(item.image))
-            except Exception as err:  # noqa: BLE001 - reported per item
-                results.append(err)
-        return results
-
     def score_image(self, image: Image.Image) -> dict[str, Any]:
         """Detections of one RGB image (before the pool-level TF-IDF)."""
         detections = self.detect_image(image)

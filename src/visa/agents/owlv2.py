@@ -15,14 +15,13 @@ Outputs and the TF-IDF ``score`` are those of the Grounding DINO agent.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 from PIL import Image
 from pydantic import Field
 
-from visa.agents.base import Agent, AgentParams, ImageItem, MissingDependency, Resources, Result, Unit
+from visa.agents.base import AgentParams, MissingDependency, PerImageAgent, Resources, Unit
 from visa.agents.grounding_dino import Detection, dedup_same_label, device_resources, resolve_device
 from visa.agents.tfidf import finalize_tfidf
 from visa.agents.vocabulary import load_tags
@@ -43,7 +42,7 @@ class Owlv2Params(AgentParams):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
-class Owlv2Agent(Agent):
+class Owlv2Agent(PerImageAgent):
     """Open-vocabulary detection of the tag vocabulary with OWLv2; OA = TF-IDF of the labels."""
 
     unit = Unit.IMAGE
@@ -133,17 +132,6 @@ class Owlv2Agent(Agent):
     @property
     def tags(self) -> list[str]:
         return list(self._tags)
-
-    def score_batch(self, items: Sequence[ImageItem]) -> list[Result]:
-        if self._model is None:
-            self.setup()
-        results: list[Result] = []
-        for item in items:
-            try:
-                results.append(self.score_image(item.image))
-            except Exception as err:  # noqa: BLE001 - reported per item
-                results.append(err)
-        return results
 
     def score_image(self, image: Image.Image) -> dict[str, Any]:
         detections = self.detect_image(image)

@@ -33,7 +33,7 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import Field
 
-from visa.agents.base import Agent, AgentParams, ImageItem, MissingDependency, Resources, Result, Unit
+from visa.agents.base import AgentParams, MissingDependency, PerImageAgent, Resources, Unit
 from visa.agents.grounding_dino import batched_nms, device_resources, nms, resolve_device
 
 if TYPE_CHECKING:
@@ -238,7 +238,7 @@ class Sam2Params(AgentParams):
     autocast_bf16: bool = Field(True, description="bf16 autocast on CUDA, as the reference")
 
 
-class Sam2Agent(Agent):
+class Sam2Agent(PerImageAgent):
     """Segmentation complexity: SAM 2.1 automatic masks covering >= 0.5% of the image.
 
     Outputs: ``score`` (that count), ``n_masks`` (all masks after post-processing), ``mask_areas``
@@ -296,17 +296,6 @@ class Sam2Agent(Agent):
         self._model = None
 
     # -- scoring --------------------------------------------------------------------------------
-    def score_batch(self, items: Sequence[ImageItem]) -> list[Result]:
-        if self._model is None:
-            self.setup()
-        results: list[Result] = []
-        for item in items:
-            try:
-                results.append(self.score_image(item.image))
-            except Exception as err:  # noqa: BLE001 - reported per item
-                results.append(err)
-        return results
-
     def score_image(self, image: Image.Image) -> dict[str, Any]:
         masks, (width, height) = self.generate(image)
         total = float(width * height)

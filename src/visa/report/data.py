@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from visa.selection import REASONS
+
 #: Score families in the order the method presents them, with their titles.
 FAMILY_TITLES = {
     "sc": "SC · segmentation complexity",
@@ -40,16 +42,7 @@ FAMILY_HINTS = {
 }
 IMAGE_LEVEL = frozenset({"sc", "oa", "dp", "image"})
 NOT_FAMILIES = frozenset({"meta"})
-REASON_ORDER = (
-    "error",
-    "text_only",
-    "image_below_cut",
-    "im_nonpositive",
-    "pt_tail",
-    "duplicate",
-    "quota",
-    "budget",
-)
+REASON_ORDER = REASONS
 REASON_TEXT = {
     "error": "the sample has an error",
     "text_only": "text-only samples were dropped",
