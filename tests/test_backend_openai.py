@@ -216,8 +216,9 @@ def test_timeout_then_retry(server):
     [result] = backend.generate([GenerateRequest((Message("user", "Hello"),), max_new_tokens=2)])
     assert isinstance(result, APIError) and "timed out" in str(result)
     backend.teardown()
-    backend = _client(server, timeout_s=0.5, max_retries=1, backoff_s=0.01)
-    server.faults[:] = [1.0]
+    # The retry must finish within the timeout even on a busy machine: generous timeout, longer fault.
+    backend = _client(server, timeout_s=3.0, max_retries=1, backoff_s=0.01)
+    server.faults[:] = [6.0]
     [result] = backend.generate([GenerateRequest((Message("user", "Hello"),), max_new_tokens=2)])
     backend.teardown()
     assert isinstance(result, GenerateResult)
