@@ -289,3 +289,26 @@ def test_cli_ray_executor_gives_the_local_table(tmp_path):
                      "--executor", executor, env=env)
         assert proc.wait(timeout=200) == 0, proc.stderr.read().decode()[-2000:]
     assert table_of(tmp_path / "ray") == table_of(tmp_path / "local")
+
+
+def test_missing_backend_library_fails_before_any_work(tmp_path, examples):
+    pytest.importorskip("transformers")
+    if __import__("importlib").util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    recipe = write_recipe(tmp_path / "v.yaml", """
+scores:
+  im:
+    agents:
+      - {name: big, type: mutual_information, params: {backend: {type: vllm, params: {model: some/model}}}}
+""")
+    proc = _visa("score", "--recipe", str(recipe), "--data", str(examples / "llava.json"), "--out", str(tmp_path / "r"))
+    assert proc.wait(timeout=60) == 2
+    assert "im.big needs vllm (pip install 'visa[vllm]')" in proc.stderr.read().decode()
+    assert not (tmp_path / "r").exists()
+
+
+def test_doctor_reports_what_runs_here():
+    proc = _visa("doctor")
+    assert proc.wait(timeout=120) == 0
+    text = proc.stdout.read().decode()
+    assert "embedded" in text and "image_stats" in text and "embedded_lm" in text

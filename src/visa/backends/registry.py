@@ -17,6 +17,24 @@ BACKENDS: dict[str, str] = {
 }
 
 
+#: Backend type -> (module that must be importable, the extra that installs it).
+BACKEND_REQUIRES: dict[str, tuple[str, str]] = {
+    "transformers": ("transformers", "transformers"),
+    "vllm": ("vllm", "vllm"),
+    "embedded_lm": ("transformers", "embedded"),
+}
+
+
+def missing_backend(kind: str) -> str | None:
+    """An install hint when the backend's library is not importable here, else None."""
+    import importlib.util
+
+    module, extra = BACKEND_REQUIRES.get(kind, (None, None))
+    if module is None or importlib.util.find_spec(module) is not None:
+        return None
+    return f"{module} (pip install 'visa[{extra}]')"
+
+
 class BackendParams(BaseModel):
     """Base of every backend's parameters (each backend class has a ``Params`` subclass)."""
 
