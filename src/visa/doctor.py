@@ -6,9 +6,8 @@ import platform
 from importlib import metadata
 
 from rich.console import Group
-from rich.table import Table
-
 from rich.markup import escape
+from rich.table import Table
 
 from visa.backends.registry import BACKENDS, missing_backend
 from visa.recipe import RecipeError, bundled_recipes, load_recipe

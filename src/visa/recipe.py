@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from visa.agents.base import Agent, Unit
 from visa.images import ImageLimits
-from visa.selection import SelectionOptions
 from visa.registry import AGENTS, UnknownName, agent_class, did_you_mean, is_known
+from visa.selection import SelectionOptions
 
 SCORE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
