@@ -48,7 +48,7 @@ def generate(run_dir: Path, rows: int, images: int, with_input: bool, seed: int 
     error_kind = np.array([None, "missing", "agent", "not_image"], dtype=object)[
         np.where(rng.random(rows) < 0.01, rng.integers(1, 4, rows), 0)
     ]
-    error = error_kind != None
+    error = error_kind != None  # noqa: E711 - elementwise over a numpy object array
     unique_keys = _strings("img", np.arange(images))
     image_key = unique_keys.take(pa.array(image, pa.int64(), mask=text_only))
     offsets = np.zeros(rows + 1, dtype=np.int32)

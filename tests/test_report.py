@@ -219,9 +219,9 @@ def synthetic_selection(columns: dict, fused: dict, error: np.ndarray) -> tuple[
     reason = np.array([None] * n, dtype=object)
     reason[error] = "error"
     cut = np.nanmedian(visual)
-    reason[(reason == None) & (visual < cut)] = "image_below_cut"
-    reason[(reason == None) & (fused["im"] <= -0.3)] = "im_nonpositive"
-    alive = np.flatnonzero(reason == None)
+    reason[np.equal(reason, None) & (visual < cut)] = "image_below_cut"
+    reason[np.equal(reason, None) & (fused["im"] <= -0.3)] = "im_nonpositive"
+    alive = np.flatnonzero(np.equal(reason, None))
     order = alive[np.argsort(-fused["im"][alive], kind="stable")]
     reason[order[12:]] = "budget"
     chosen = order[:12]
