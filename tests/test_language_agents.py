@@ -200,6 +200,55 @@ def test_batched_prefix_shared_equals_one_at_a_time(tiny_backend) -> None:
             np.testing.assert_allclose(x, z, atol=1e-5)
 
 
+def test_targets_inside_a_shared_prefix_and_unpadded_singles(tiny_backend) -> None:
+    # Five answers that differ only in their last word (the DP judge's shape): their shared prefix
+    # holds the predicting positions of every target, so one forward serves all five.
+    question = "automatic analysis : it most likely shows tabby . rate this image ."
+    requests = [AnswerLogprobsRequest((Turn("user", question), Turn("assistant", f"final score : {k}")))
+                for k in ("1", "2", "3", "4", "5")]
+    # Very different lengths under one prefix: with max_padding 0.1 they run one at a time.
+    requests += [AnswerLogprobsRequest((Turn("user", question), Turn("assistant", answer)))
+                 for answer in ("yes", "a cat is lying on the sofa and the dog is on the blanket .")]
+    forwards: list[tuple[int, int]] = []
+    hook = tiny_backend._body.register_forward_pre_hook(
+        lambda module, args, kwargs: forwards.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        got = tiny_backend.answer_logprobs(requests)
+    finally:
+        hook.remove()
+    for request, result in zip(requests, got, strict=True):
+        for x, z in zip(result.per_turn, hand_logprobs(tiny_backend, request.turns), strict=True):
+            np.testing.assert_allclose(x, z, atol=1e-5)
+    assert all(rows == 1 for rows, _ in forwards)  # shared prefixes and unpadded singles only
+    assert sum(width for _, width in forwards) < sum(len(tiny_backend.encode(r)[0]) for r in requests) / 2
+
+
+def test_forward_threads_follow_the_setting_and_the_idle_cores(tiny_backend, monkeypatch) -> None:
+    import os
+
+    configured = torch.get_num_threads()
+    fixed = EmbeddedLMBackend(EmbeddedLMBackend.Params(threads=3), model=tiny_backend.model,
+                              tokenizer=tiny_backend.tokenizer)
+    assert fixed.forward_threads() == 3
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(os, "cpu_count", lambda: 2)
+        monkeypatch.setattr(os, "getloadavg", lambda: (4.0, 4.0, 4.0))
+        assert tiny_backend.forward_threads() == 1  # oversubscribed: one thread
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+        assert tiny_backend.forward_threads() == 2  # idle: what torch was given
+        with tiny_backend._threads():
+            assert torch.get_num_threads() == 2
+        monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))  # its own two threads
+        assert tiny_backend.forward_threads() == 2
+        monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 3.5, 3.5))
+        with tiny_backend._threads():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2  # restored for the rest of the process
+    finally:
+        torch.set_num_threads(configured)
+
+
 def test_bad_requests_fail_alone(tiny_backend) -> None:
     from PIL import Image
 
