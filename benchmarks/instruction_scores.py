@@ -16,7 +16,9 @@ records are reported separately against the clean ones.
 ``speed``: PT + IM (``perplexity`` + ``mutual_information``) over every record of
 ``examples/llava.json`` twice, side by side: with a naive backend (one request at a time, full
 logits, nothing shared) and with :class:`~visa.backends.embedded_lm.EmbeddedLMBackend` (batching,
-prefix tree, answer-position head, memo shared by the two agents). Scores must agree.
+prefix tree, answer-position head, memo shared by the two agents). Scores must agree. Reports wall
+and CPU seconds (``resource.getrusage``) per arm and agent, torch's thread count and the 1-minute
+load average, since the machine may be shared.
 """
 
 from __future__ import annotations
@@ -222,38 +224,62 @@ class NaiveBackend:
         return out
 
 
+def cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def command_speed(args: argparse.Namespace) -> dict[str, Any]:
+    import os
+
+    import torch
+
     from visa.agents.answer_likelihood import MutualInformationAgent, PriorTokenPerplexityAgent
     from visa.agents.base import SampleItem
     from visa.backends.embedded_lm import EmbeddedLMBackend
 
     contexts = photo_contexts()
     items = []
-    for record in load_records() * args.repeat:
+    records = load_records()[: args.limit] if args.limit else load_records()
+    for record in records * args.repeat:
         photo = first_photo(record)
         items.append(SampleItem(f"{record['id']}", record["id"], turns_of(record),
                                 image_keys=(photo,) if photo else (), context=dict(contexts.get(photo, {}))))
     fast = EmbeddedLMBackend()
     fast.setup()
     naive = NaiveBackend(fast.model, fast.tokenizer)
-    timings, values = {}, {}
+    timings: dict[str, dict[str, float]] = {}
+    values = {}
+    load = {"before": round(os.getloadavg()[0], 2)}
     for name, backend in (("naive", naive), ("embedded_lm", fast)):
         fast._ready().memo.clear()
         pt = PriorTokenPerplexityAgent(backend=backend)  # type: ignore[arg-type]
         im = MutualInformationAgent(backend=backend)  # type: ignore[arg-type]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         pt_results = run_agent(pt, items, args.batch)
+        t1, c1 = time.perf_counter(), cpu_seconds()
         im_results = run_agent(im, items, args.batch)
-        timings[name] = time.perf_counter() - t0
+        t2, c2 = time.perf_counter(), cpu_seconds()
+        timings[name] = {"wall": t2 - t0, "cpu": c2 - c0, "pt_wall": t1 - t0, "pt_cpu": c1 - c0,
+                         "im_wall": t2 - t1, "im_cpu": c2 - c1}
+        load[f"after_{name}"] = round(os.getloadavg()[0], 2)
         values[name] = np.array([[np.nan if r["score"] is None else r["score"] for r in res]
                                  for res in (pt_results, im_results)], dtype=np.float64)
     difference = float(np.nanmax(np.abs(values["naive"] - values["embedded_lm"])))
     samples = len(items)
     summary = {
         "samples": samples,
-        "seconds": {k: round(v, 2) for k, v in timings.items()},
-        "samples_per_second": {k: round(samples / v, 2) for k, v in timings.items()},
-        "speedup": round(timings["naive"] / timings["embedded_lm"], 2),
+        "torch_threads": torch.get_num_threads(),
+        "forward_threads": fast.forward_threads(),
+        "cores": os.cpu_count(),
+        "load_average_1min": load,
+        "seconds": {k: {f: round(v, 2) for f, v in t.items()} for k, t in timings.items()},
+        "samples_per_second": {k: round(samples / t["wall"], 2) for k, t in timings.items()},
+        "samples_per_cpu_second": {k: round(samples / t["cpu"], 2) for k, t in timings.items()},
+        "speedup_wall": round(timings["naive"]["wall"] / timings["embedded_lm"]["wall"], 2),
+        "speedup_cpu": round(timings["naive"]["cpu"] / timings["embedded_lm"]["cpu"], 2),
         "max_abs_score_difference": difference,
     }
     print(json.dumps(summary, indent=2))
@@ -270,6 +296,7 @@ def main() -> None:
     a.add_argument("--out", type=Path)
     s = sub.add_parser("speed", help="PT+IM throughput: naive loop vs the embedded backend")
     s.add_argument("--repeat", type=int, default=1, help="copies of the example set")
+    s.add_argument("--limit", type=int, default=0, help="first N records only (0: all)")
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--out", type=Path)
     args = parser.parse_args()
