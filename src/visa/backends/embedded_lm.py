@@ -16,10 +16,16 @@ How ``answer_logprobs`` saves work (all of it exact up to float rounding):
   backends that load the same model in one process, e.g. the PT and IM agents), are computed once;
 * requests that share a token prefix (the system prompt, a verbalised image followed by several
   questions, the DP rubric) are arranged in a prefix tree: each shared prefix is run once and its
-  key/value cache is reused by every continuation;
-* continuations are sorted by length and batched under a token budget (little padding);
+  key/value cache is reused by every continuation; answer tokens predicted from inside a shared
+  prefix are read from that prefix's forward (the judge's five "Final score: k" answers cost one);
+* a sequence is run only up to its last answer token;
+* continuations are sorted by length and batched under a token budget, but only while padding stays
+  under ``max_padding`` (on CPU a forward of a few dozen tokens is already efficient: padding is
+  pure waste, so long-tailed groups run one sequence at a time);
 * the LM head runs only at the positions that predict answer tokens (a 49K-word head at every
-  prompt position is a fifth of the model's work).
+  prompt position is a fifth of the model's work);
+* forwards use only the cores other processes leave idle (``threads``): intra-op threads on an
+  oversubscribed core wait on each other, which made PT 5x slower on a loaded 2-core machine.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,7 +193,7 @@ class EmbeddedLMBackend(Backend):
         if self._loaded is not None:
             return
         try:
-            import torch
+            import torch  # noqa: F401
             import transformers  # noqa: F401
         except ImportError as err:
             raise EmbeddedModelError(
