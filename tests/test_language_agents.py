@@ -226,6 +226,9 @@ def test_targets_inside_a_shared_prefix_and_unpadded_singles(tiny_backend) -> No
 def test_forward_threads_follow_the_setting_and_the_idle_cores(tiny_backend, monkeypatch) -> None:
     import os
 
+    import visa.backends.embedded_lm as embedded_lm
+
+    monkeypatch.setattr(embedded_lm, "_LAST_THREADS", [0])
     configured = torch.get_num_threads()
     fixed = EmbeddedLMBackend(EmbeddedLMBackend.Params(threads=3), model=tiny_backend.model,
                               tokenizer=tiny_backend.tokenizer)

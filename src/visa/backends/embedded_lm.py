@@ -140,6 +140,8 @@ class _Loaded:
 
 _SHARED: dict[str, _Loaded] = {}
 _SHARED_LOCK = threading.Lock()
+# Threads the last forwards of any backend in this process ran on (part of the load average is ours).
+_LAST_THREADS = [0]
 
 
 @dataclass
@@ -186,7 +188,6 @@ class EmbeddedLMBackend(Backend):
         self._loaded: _Loaded | None = None
         self._key: str | None = None
         self._head_slicing = True
-        self._last_threads = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -280,7 +281,7 @@ class EmbeddedLMBackend(Backend):
         Intra-op threads that share an oversubscribed core wait on each other at every operation (a
         2-thread run of PT on a 2-core machine with a load average of 4 took 5x the CPU time and 5x
         the wall time of a 1-thread run), so by default only the cores that other processes leave
-        idle are used: ``cores - (1-minute load average - threads this backend last ran)``.
+        idle are used: ``cores - (1-minute load average - threads of this process's last forwards)``.
         """
         import torch
 
@@ -293,7 +294,7 @@ class EmbeddedLMBackend(Backend):
             load = os.getloadavg()[0]
         except OSError:  # not available on this platform
             return configured
-        others = max(0.0, load - self._last_threads)
+        others = max(0.0, load - _LAST_THREADS[0])
         idle = (os.cpu_count() or configured) - others
         return max(1, min(configured, int(idle + 0.5)))
 
@@ -303,7 +304,7 @@ class EmbeddedLMBackend(Backend):
 
         before = torch.get_num_threads()
         wanted = self.forward_threads()
-        self._last_threads = wanted
+        _LAST_THREADS[0] = wanted
         if wanted != before:
             torch.set_num_threads(wanted)
         try:
