@@ -8,4 +8,5 @@ demo: setup
 
 test:
 	@bash scripts/setup.sh --with-browser
+	.venv/bin/ruff check src tests benchmarks
 	.venv/bin/python -m pytest -q
