@@ -32,6 +32,7 @@ over the candidates only. BENCHMARKS.md reports its speed and its agreement with
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -462,16 +463,15 @@ def device_resources(device: str, gpu_memory_gb: float) -> Resources:
     return Resources(cpus=1.0, gpus=1.0, gpu_memory_gb=gpu_memory_gb)
 
 
-class GroundingDinoAgent(PerImageAgent):
-    """Open-vocabulary detection of the tag vocabulary with Grounding DINO; OA = TF-IDF of the labels.
+class DetectorAgent(PerImageAgent):
+    """Base of the open-vocabulary detectors (Grounding DINO, OWLv2) over the tag vocabulary.
 
-    Outputs per image: ``labels`` (one tag per detected object), ``boxes`` (relative x0, y0, x1, y1,
-    aligned with ``labels``), ``confidences``; ``finalize`` adds ``score`` (TF-IDF over the pool).
+    Subclasses implement ``detect_image``. Outputs per image: ``labels`` (one tag per detected
+    object), ``boxes`` (relative x0, y0, x1, y1, aligned with ``labels``), ``confidences``;
+    ``finalize`` adds ``score``, the TF-IDF of the labels over the pool (OA).
     """
 
     unit = Unit.IMAGE
-    version = "1"
-    Params = GroundingDinoParams
     outputs: ClassVar[dict[str, pa.DataType]] = {
         "labels": pa.list_(pa.string()),
         "boxes": pa.list_(pa.list_(pa.float32(), 4)),
@@ -479,6 +479,50 @@ class GroundingDinoAgent(PerImageAgent):
     }
     finalized_outputs: ClassVar[dict[str, pa.DataType]] = {"score": pa.float64()}
     requires: ClassVar[dict[str, str]] = {"transformers": "transformers"}
+    _model: Any = None
+
+    def models(self) -> dict[str, str]:
+        return {self.params.model_id: self.params.revision}  # type: ignore[attr-defined]
+
+    def score_image(self, image: Image.Image) -> dict[str, Any]:
+        """Detections of one RGB image (before the pool-level TF-IDF)."""
+        detections = self.detect_image(image)
+        return {
+            "labels": [d.tag for d in detections],
+            "boxes": [list(d.box) for d in detections],
+            "confidences": [d.score for d in detections],
+        }
+
+    @abstractmethod
+    def detect_image(self, image: Image.Image) -> list[Detection]:
+        """Detections of the tag vocabulary in one image."""
+
+    def _input_image(self, image: Image.Image, name: str) -> Image.Image:
+        """The RGB image the detector sees (after the reference resize when enabled)."""
+        if self._model is None:
+            raise RuntimeError(f"{name} agent used before setup()")
+        if image.width < 1 or image.height < 1:
+            raise ValueError(f"empty image ({image.width}x{image.height})")
+        image = image.convert("RGB")
+        if self.params.reference_resize:  # type: ignore[attr-defined]
+            from visa.agents.resize import reference_resize
+
+            image = reference_resize(image)
+        return image
+
+    def finalize(self, table: pa.Table) -> pa.Table:
+        return finalize_tfidf(table)
+
+
+class GroundingDinoAgent(DetectorAgent):
+    """Open-vocabulary detection of the tag vocabulary with Grounding DINO; OA = TF-IDF of the labels.
+
+    Outputs per image: ``labels`` (one tag per detected object), ``boxes`` (relative x0, y0, x1, y1,
+    aligned with ``labels``), ``confidences``; ``finalize`` adds ``score`` (TF-IDF over the pool).
+    """
+
+    version = "1"
+    Params = GroundingDinoParams
 
     params: GroundingDinoParams
 
@@ -493,9 +537,6 @@ class GroundingDinoAgent(PerImageAgent):
         self._vocabulary_ids: set[tuple[int, ...]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def models(self) -> dict[str, str]:
-        return {self.params.model_id: self.params.revision}
-
     def resources(self) -> Resources:
         return device_resources(self.params.device, 6.0)
 
@@ -559,28 +600,11 @@ class GroundingDinoAgent(PerImageAgent):
         )
 
     # -- scoring --------------------------------------------------------------------------------
-    def score_image(self, image: Image.Image) -> dict[str, Any]:
-        """Detections of one RGB image (before the pool-level TF-IDF)."""
-        detections = self.detect_image(image)
-        return {
-            "labels": [d.tag for d in detections],
-            "boxes": [list(d.box) for d in detections],
-            "confidences": [d.score for d in detections],
-        }
-
     def detect_image(self, image: Image.Image) -> list[Detection]:
         import torch
 
-        if self._model is None:
-            raise RuntimeError("grounding_dino agent used before setup()")
-        if image.width < 1 or image.height < 1:
-            raise ValueError(f"empty image ({image.width}x{image.height})")
+        image = self._input_image(image, "grounding_dino")
         p = self.params
-        image = image.convert("RGB")
-        if p.reference_resize:
-            from visa.agents.resize import reference_resize
-
-            image = reference_resize(image)
         with torch.inference_mode():
             if p.mode == "full":
                 found = self._run(image, p.image_size, self._prompts, p.box_threshold, p.text_threshold)
@@ -675,5 +699,3 @@ class GroundingDinoAgent(PerImageAgent):
         return detections
 
     # -- pool -----------------------------------------------------------------------------------
-    def finalize(self, table: pa.Table) -> pa.Table:
-        return finalize_tfidf(table)

@@ -15,15 +15,19 @@ Outputs and the TF-IDF ``score`` are those of the Grounding DINO agent.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-import pyarrow as pa
 from PIL import Image
 from pydantic import Field
 
-from visa.agents.base import AgentParams, MissingDependency, PerImageAgent, Resources, Unit
-from visa.agents.grounding_dino import Detection, dedup_same_label, device_resources, resolve_device
-from visa.agents.tfidf import finalize_tfidf
+from visa.agents.base import AgentParams, MissingDependency, Resources
+from visa.agents.grounding_dino import (
+    Detection,
+    DetectorAgent,
+    dedup_same_label,
+    device_resources,
+    resolve_device,
+)
 from visa.agents.vocabulary import load_tags
 
 
@@ -42,19 +46,11 @@ class Owlv2Params(AgentParams):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
-class Owlv2Agent(PerImageAgent):
+class Owlv2Agent(DetectorAgent):
     """Open-vocabulary detection of the tag vocabulary with OWLv2; OA = TF-IDF of the labels."""
 
-    unit = Unit.IMAGE
     version = "1"
     Params = Owlv2Params
-    outputs: ClassVar[dict[str, pa.DataType]] = {
-        "labels": pa.list_(pa.string()),
-        "boxes": pa.list_(pa.list_(pa.float32(), 4)),
-        "confidences": pa.list_(pa.float32()),
-    }
-    finalized_outputs: ClassVar[dict[str, pa.DataType]] = {"score": pa.float64()}
-    requires: ClassVar[dict[str, str]] = {"transformers": "transformers"}
 
     params: Owlv2Params
 
@@ -67,9 +63,6 @@ class Owlv2Agent(PerImageAgent):
         self._tags: list[str] = []
         self._queries: Any = None  # [V, d] normalised text embeddings of the vocabulary
         self._device = "cpu"
-
-    def models(self) -> dict[str, str]:
-        return {self.params.model_id: self.params.revision}
 
     def resources(self) -> Resources:
         return device_resources(self.params.device, 4.0)
@@ -133,27 +126,11 @@ class Owlv2Agent(PerImageAgent):
     def tags(self) -> list[str]:
         return list(self._tags)
 
-    def score_image(self, image: Image.Image) -> dict[str, Any]:
-        detections = self.detect_image(image)
-        return {
-            "labels": [d.tag for d in detections],
-            "boxes": [list(d.box) for d in detections],
-            "confidences": [d.score for d in detections],
-        }
-
     def detect_image(self, image: Image.Image) -> list[Detection]:
         import torch
 
-        if self._model is None:
-            raise RuntimeError("owlv2 agent used before setup()")
-        if image.width < 1 or image.height < 1:
-            raise ValueError(f"empty image ({image.width}x{image.height})")
+        image = self._input_image(image, "owlv2")
         p = self.params
-        image = image.convert("RGB")
-        if p.reference_resize:
-            from visa.agents.resize import reference_resize
-
-            image = reference_resize(image)
         inputs = self._processor(images=image, return_tensors="pt")
         pixel_values = inputs["pixel_values"].to(self._device, next(self._model.parameters()).dtype)
         with torch.inference_mode():
@@ -178,5 +155,3 @@ class Owlv2Agent(PerImageAgent):
         ]
         return dedup_same_label(found, p.iou_threshold)
 
-    def finalize(self, table: pa.Table) -> pa.Table:
-        return finalize_tfidf(table)
