@@ -8,7 +8,6 @@ for the few rows that are shown, one row group at a time. Everything here is vec
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -21,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from visa.selection import REASONS
+from visa.selection import REASONS, SelectionError, read_run
 
 #: Score families in the order the method presents them, with their titles.
 FAMILY_TITLES = {
@@ -140,16 +139,13 @@ class RunData:
 
 
 def read_run_json(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "run.json"
-    if not path.is_file():
+    """run.json as a dict ({} when the run has none: the report also works from the table alone)."""
+    if not (run_dir / "run.json").is_file():
         return {}
     try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ReportError(f"{path} is not readable JSON: {err}") from None
-    if not isinstance(run, dict):
-        raise ReportError(f"{path} must hold a JSON object")
-    return run
+        return read_run(run_dir)
+    except SelectionError as err:
+        raise ReportError(str(err)) from None
 
 
 def load_run(run_dir: Path) -> RunData:
