@@ -20,6 +20,7 @@ class MeanBrightness(Agent):
         delay_s: float = 0.0
         scale: float = 1.0
         fail_on_dark: bool = False
+        call_log: str = ""  # a file that gets the size of every scored batch (else $VISA_TEST_CALL_LOG)
 
     def score_batch(self, items):
         out = []
@@ -29,7 +30,7 @@ class MeanBrightness(Agent):
             if self.params.fail_on_dark and value < 60:
                 raise ValueError("too dark to score")  # raised for the whole batch: the executor isolates it
             out.append({"score": value})
-        _count_call(len(items))
+        _count_call(len(items), self.params.call_log)
         return out
 
 
@@ -51,8 +52,8 @@ class AnswerLength(Agent):
         ]
 
 
-def _count_call(n: int) -> None:
-    path = os.environ.get("VISA_TEST_CALL_LOG")
+def _count_call(n: int, path: str = "") -> None:
+    path = path or os.environ.get("VISA_TEST_CALL_LOG", "")
     if path:
         with open(path, "a") as fh:
             fh.write(f"{n}\n")

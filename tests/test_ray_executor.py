@@ -205,20 +205,28 @@ score(load_recipe(recipe), Path(data), Path(out), executor=executor)
 """
 
 
-@pytest.mark.timeout(120)
+def _calls(log: Path) -> int:
+    return sum(int(x) for x in log.read_text().split()) if log.exists() else 0
+
+
+@pytest.mark.timeout(180)
 def test_killed_driver_then_rerun_equals_uninterrupted(ray_address, tmp_path):
-    data = make_dataset(tmp_path / "d", n_images=12, per_image=2)
+    data = make_dataset(tmp_path / "d", n_images=20, per_image=2)  # 41 records, 14 shards
+    log = tmp_path / "calls.log"  # the test agent appends the size of every batch it scores
     recipe = write_recipe(
         tmp_path / "slow.yaml",
-        """
-execution: {shard_size: 3}
+        f"""
+execution: {{shard_size: 3}}
 scores:
   image:
-    agents: [{name: stats, type: image_stats}]
+    agents: [{{name: stats, type: image_stats}}]
   light:
-    agents: [{name: mean, type: 'agents_for_tests:MeanBrightness', params: {delay_s: 0.15, batch_size: 1}}]
+    agents:
+      - name: mean
+        type: 'agents_for_tests:MeanBrightness'
+        params: {{delay_s: 0.3, batch_size: 1, call_log: '{log}'}}
   words:
-    agents: [{name: answer, type: 'agents_for_tests:AnswerLength'}]
+    agents: [{{name: answer, type: 'agents_for_tests:AnswerLength'}}]
 """,
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -227,18 +235,33 @@ scores:
         [sys.executable, "-c", DRIVER, str(recipe), str(data), str(run), ray_address],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    markers = run / "work" / "samples"
-    deadline = time.time() + 60
-    while len(list(markers.glob("*.done"))) < 2 and time.time() < deadline and driver.poll() is None:
+    work = WorkDir(run)
+    light_fp = next(p.fingerprint for p in plan_agents(load_recipe(recipe))[0] if p.column == "light.mean")
+
+    def progress() -> tuple[int, int]:
+        """(finished shards, images whose brightness is stored)."""
+        stored = len(work.known_keys(light_fp)) if (work.results_dir / light_fp).exists() else 0
+        return len(list(work.samples_dir.glob("*.done"))), stored
+
+    # Ray streams shards through the stages, so markers may arrive late and together: interrupt as
+    # soon as either finished shards or stored agent results exist.
+    deadline = time.time() + 90
+    while progress() == (0, 0) and time.time() < deadline and driver.poll() is None:
         time.sleep(0.02)
     driver.send_signal(signal.SIGKILL)
     _, err = driver.communicate(timeout=30)
-    done_before = len(list(markers.glob("*.done")))
-    assert 2 <= done_before < 9, f"the run must be interrupted mid-way for this test to mean anything: {err.decode()[-2000:]}"
+    time.sleep(2)  # the dead driver's actors are stopped by Ray, not at once
+    done_before, stored_before = progress()
+    calls_before = _calls(log)
+    assert done_before < 14 and stored_before < 20, (
+        f"the run must be interrupted mid-way for this test to mean anything: {err.decode()[-2000:]}"
+    )
+    assert done_before + stored_before > 0
     assert not (run / "scores.parquet").exists()
 
     record = score(load_recipe(recipe), data, run, executor=ray_executor())
-    assert record["shards"]["resumed"] >= done_before and record["shards"]["total"] == 9
+    assert record["shards"]["resumed"] >= done_before and record["shards"]["total"] == 14
+    assert _calls(log) - calls_before == 20 - stored_before  # what was stored is not computed again
     score(load_recipe(recipe), data, tmp_path / "clean")
     assert table_of(run) == table_of(tmp_path / "clean")
 
