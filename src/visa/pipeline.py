@@ -246,7 +246,8 @@ def prepare_shard(
         except RecordError as err:
             record_id = (raw.record or {}).get("id") if isinstance(raw.record, dict) else None
             row["sample_id"] = str(record_id) if record_id is not None else f"row:{raw.index}"
-            _fail(row, stats, "malformed", f"line {raw.line}: {err}")
+            message = str(err)
+            _fail(row, stats, "malformed", message if message.startswith("line ") else f"line {raw.line}: {message}")
             stats.malformed_lines.append(raw.line)
             continue
         sid = sample_id(sample, duplicates)
