@@ -45,15 +45,14 @@ caught by other signals (the tagger's entropy, compressed size per pixel).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 from pydantic import Field
 
-from visa.agents.base import Agent, AgentParams, ImageItem, Result, Unit
+from visa.agents.base import AgentParams, PerImageAgent, Unit
 from visa.agents.resize import reference_resize
 
 
@@ -65,7 +64,7 @@ class FelzenszwalbParams(AgentParams):
     min_region_fraction: float = Field(0.005, gt=0, le=1, description="a region counts from this area share")
 
 
-class FelzenszwalbAgent(Agent):
+class FelzenszwalbAgent(PerImageAgent):
     """SC: the number of Felzenszwalb regions covering at least 0.5% of the image.
 
     Outputs ``score`` (the region count) and ``coverage`` (the share of the image those regions cover).
@@ -87,14 +86,8 @@ class FelzenszwalbAgent(Agent):
 
         return {"felzenszwalb": f"scikit-image=={version('scikit-image')}"}
 
-    def score_batch(self, items: Sequence[ImageItem]) -> list[Result]:
-        results: list[Result] = []
-        for item in items:
-            try:
-                results.append(self.count_regions(item.image))
-            except Exception as err:  # noqa: BLE001 - reported per item
-                results.append(err)
-        return results
+    def score_image(self, image: Image.Image) -> dict[str, Any]:
+        return self.count_regions(image)
 
     def working_image(self, image: Image.Image) -> np.ndarray:
         """The reference resize, then the fixed working size (long side ``working_side``)."""

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
-from visa.agents.base import Agent, ImageItem, Result, Unit
+from visa.agents.base import PerImageAgent, Unit
 
 
-class ImageStatsAgent(Agent):
+class ImageStatsAgent(PerImageAgent):
     """Width, height, aspect ratio (long side / short side) and Shannon entropy (bits) of the grey levels.
 
     The primary ``score`` is the entropy: 0 for a flat image, up to 8 bits for a busy one.
@@ -24,13 +25,9 @@ class ImageStatsAgent(Agent):
         "aspect_ratio": pa.float64(),
     }
 
-    def score_batch(self, items: Sequence[ImageItem]) -> list[Result]:
-        return [self._one(item) for item in items]
-
-    @staticmethod
-    def _one(item: ImageItem) -> Result:
-        width, height = item.image.size
-        histogram = np.asarray(item.image.convert("L").histogram(), dtype=np.float64)
+    def score_image(self, image: Image.Image) -> dict[str, Any]:
+        width, height = image.size
+        histogram = np.asarray(image.convert("L").histogram(), dtype=np.float64)
         p = histogram[histogram > 0] / histogram.sum()
         return {
             "score": float(-(p * np.log2(p)).sum()),

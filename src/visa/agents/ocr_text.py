@@ -32,14 +32,14 @@ default (all cores).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 from pydantic import Field
 
-from visa.agents.base import Agent, AgentParams, ImageItem, MissingDependency, Result, Unit
+from visa.agents.base import AgentParams, MissingDependency, PerImageAgent, Unit
 from visa.agents.resize import reference_resize
 
 
@@ -55,7 +55,7 @@ class OcrTextParams(AgentParams):
     max_text_chars: int = Field(500, ge=0, description="truncate the returned text to this many characters")
 
 
-class OcrTextAgent(Agent):
+class OcrTextAgent(PerImageAgent):
     """SC: number of text lines (RapidOCR); also the recognised text for the language agents."""
 
     unit = Unit.IMAGE
@@ -96,14 +96,8 @@ class OcrTextAgent(Agent):
 
         return {"ocr": f"rapidocr-onnxruntime=={version('rapidocr-onnxruntime')} (PP-OCRv4 det/rec)"}
 
-    def score_batch(self, items: Sequence[ImageItem]) -> list[Result]:
-        results: list[Result] = []
-        for item in items:
-            try:
-                results.append(self.read(item.image))
-            except Exception as err:  # noqa: BLE001 - reported per item
-                results.append(err)
-        return results
+    def score_image(self, image: Image.Image) -> dict[str, Any]:
+        return self.read(image)
 
     def read(self, image) -> dict[str, Any]:
         """Count (and read) the text lines of one PIL image."""
