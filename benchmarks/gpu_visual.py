@@ -47,57 +47,6 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def sam2_config(tiny: bool):
-    from transformers import Sam2Config
-    from transformers.models.sam2.configuration_sam2 import (
-        Sam2HieraDetConfig,
-        Sam2MaskDecoderConfig,
-        Sam2PromptEncoderConfig,
-        Sam2VisionConfig,
-    )
-
-    if tiny:
-        backbone = Sam2HieraDetConfig(
-            hidden_size=16,
-            num_attention_heads=1,
-            blocks_per_stage=[1, 1, 2, 1],
-            embed_dim_per_stage=[16, 32, 64, 128],
-            num_attention_heads_per_stage=[1, 1, 1, 1],
-            window_size_per_stage=[8, 4, 4, 2],
-            global_attention_blocks=[3],
-            image_size=[256, 256],
-            window_positional_embedding_background_size=[4, 4],
-        )
-        vision = Sam2VisionConfig(
-            backbone_config=backbone,
-            backbone_channel_list=[128, 64, 32, 16],
-            backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]],
-            fpn_hidden_size=32,
-        )
-        return Sam2Config(
-            vision_config=vision,
-            prompt_encoder_config=Sam2PromptEncoderConfig(
-                hidden_size=32, image_size=256, mask_input_channels=16
-            ),
-            mask_decoder_config=Sam2MaskDecoderConfig(
-                hidden_size=32, iou_head_hidden_dim=32, mlp_dim=64, num_attention_heads=2
-            ),
-        )
-    # SAM 2.1 Hiera-L: 144-wide, 2/6/36/4 blocks, global attention at blocks 23, 33, 43.
-    backbone = Sam2HieraDetConfig(
-        hidden_size=144,
-        num_attention_heads=2,
-        blocks_per_stage=[2, 6, 36, 4],
-        embed_dim_per_stage=[144, 288, 576, 1152],
-        num_attention_heads_per_stage=[2, 4, 8, 16],
-        window_size_per_stage=[8, 4, 16, 8],
-        global_attention_blocks=[23, 33, 43],
-        window_positional_embedding_background_size=[7, 7],
-    )
-    vision = Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[1152, 576, 288, 144])
-    return Sam2Config(vision_config=vision)
-
-
 def gdino_config(tiny: bool, vocab_size: int):
     from transformers import BertConfig, GroundingDinoConfig, SwinConfig
 
@@ -162,10 +111,10 @@ def bench_sam2(report: dict, args, device: str, images) -> None:
     import torch
     from transformers import Sam2Model
 
-    from visa.agents.sam2 import Sam2Agent, Sam2Params
+    from visa.agents.sam2 import Sam2Agent, Sam2Params, sam2_config
 
     torch.manual_seed(0)
-    model = Sam2Model(sam2_config(args.tiny)).eval()
+    model = Sam2Model(sam2_config(tiny=args.tiny)).eval()
     section: dict = {"parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
     report["sam2"] = section
     variants = {

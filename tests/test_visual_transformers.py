@@ -158,38 +158,11 @@ def gd_agent(gdino, tag_file: Path, **overrides) -> GroundingDinoAgent:
 
 @pytest.fixture(scope="module")
 def sam():
-    from transformers import Sam2Config, Sam2Model
-    from transformers.models.sam2.configuration_sam2 import (
-        Sam2HieraDetConfig,
-        Sam2MaskDecoderConfig,
-        Sam2PromptEncoderConfig,
-        Sam2VisionConfig,
-    )
+    from transformers import Sam2Model
 
-    backbone = Sam2HieraDetConfig(
-        hidden_size=16,
-        num_attention_heads=1,
-        blocks_per_stage=[1, 1, 2, 1],
-        embed_dim_per_stage=[16, 32, 64, 128],
-        num_attention_heads_per_stage=[1, 1, 1, 1],
-        window_size_per_stage=[8, 4, 4, 2],
-        global_attention_blocks=[3],
-        image_size=[256, 256],
-        window_positional_embedding_background_size=[4, 4],
-    )
-    vision = Sam2VisionConfig(
-        backbone_config=backbone,
-        backbone_channel_list=[128, 64, 32, 16],
-        backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]],
-        fpn_hidden_size=32,
-    )
-    config = Sam2Config(
-        vision_config=vision,
-        prompt_encoder_config=Sam2PromptEncoderConfig(hidden_size=32, image_size=256, mask_input_channels=16),
-        mask_decoder_config=Sam2MaskDecoderConfig(
-            hidden_size=32, iou_head_hidden_dim=32, mlp_dim=64, num_attention_heads=2
-        ),
-    )
+    from visa.agents.sam2 import sam2_config
+
+    config = sam2_config(tiny=True)
     torch.manual_seed(0)
     return Sam2Model(config).eval()
 

@@ -496,3 +496,56 @@ class Sam2Agent(PerImageAgent):
             pixels = m[b[1] : b[3] + 1, b[0] : b[2] + 1].cpu().numpy()
             records.append(MaskRecord(tuple(ib), pixels, q, s, crop_index))
         return records, image_boxes.float().cpu(), iou.double().cpu()
+
+
+def sam2_config(*, tiny: bool) -> Any:
+    """A ``Sam2Config`` for random-init use: a tiny one for tests, or SAM 2.1 Hiera-L's shape for
+    throughput measurements (speed does not depend on the weights)."""
+    from transformers import Sam2Config
+    from transformers.models.sam2.configuration_sam2 import (
+        Sam2HieraDetConfig,
+        Sam2MaskDecoderConfig,
+        Sam2PromptEncoderConfig,
+        Sam2VisionConfig,
+    )
+
+    if tiny:
+        backbone = Sam2HieraDetConfig(
+            hidden_size=16,
+            num_attention_heads=1,
+            blocks_per_stage=[1, 1, 2, 1],
+            embed_dim_per_stage=[16, 32, 64, 128],
+            num_attention_heads_per_stage=[1, 1, 1, 1],
+            window_size_per_stage=[8, 4, 4, 2],
+            global_attention_blocks=[3],
+            image_size=[256, 256],
+            window_positional_embedding_background_size=[4, 4],
+        )
+        vision = Sam2VisionConfig(
+            backbone_config=backbone,
+            backbone_channel_list=[128, 64, 32, 16],
+            backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]],
+            fpn_hidden_size=32,
+        )
+        return Sam2Config(
+            vision_config=vision,
+            prompt_encoder_config=Sam2PromptEncoderConfig(
+                hidden_size=32, image_size=256, mask_input_channels=16
+            ),
+            mask_decoder_config=Sam2MaskDecoderConfig(
+                hidden_size=32, iou_head_hidden_dim=32, mlp_dim=64, num_attention_heads=2
+            ),
+        )
+    # SAM 2.1 Hiera-L: 144-wide, 2/6/36/4 blocks, global attention at blocks 23, 33, 43.
+    backbone = Sam2HieraDetConfig(
+        hidden_size=144,
+        num_attention_heads=2,
+        blocks_per_stage=[2, 6, 36, 4],
+        embed_dim_per_stage=[144, 288, 576, 1152],
+        num_attention_heads_per_stage=[2, 4, 8, 16],
+        window_size_per_stage=[8, 4, 16, 8],
+        global_attention_blocks=[23, 33, 43],
+        window_positional_embedding_background_size=[7, 7],
+    )
+    vision = Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[1152, 576, 288, 144])
+    return Sam2Config(vision_config=vision)
