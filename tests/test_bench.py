@@ -196,18 +196,10 @@ def test_selection_row_counts_ties_as_half():
 
 
 def test_bench_noise_and_speed_commands_end_to_end(tmp_path: Path):
-    typer = pytest.importorskip("typer")
     from typer.testing import CliRunner
 
-    from visa.bench import register
+    from visa.cli import app  # the `visa` command, which registers `bench`
 
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        pass
-
-    register(app)
     recipe = tmp_path / "cheap.yaml"
     recipe.write_text(CHEAP_RECIPE)
     data = small_set(tmp_path, photos=3)

@@ -43,11 +43,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from visa.executors.ray import ExecutorError
     from visa.readers import InputError
     from visa.recipe import RecipeError
+    from visa.selection import SelectionError
     from visa.store import WorkDirMismatch
 
     return (
         RecipeError, InputError, WorkDirMismatch, FileNotFoundError, NotADirectoryError, MissingDependency,
-        ExecutorError,
+        ExecutorError, SelectionError,
     )
 
 
@@ -129,11 +130,11 @@ def _opt(name: str) -> Any:
 
 def run_select(run_dir: Path, overrides: dict[str, Any], write_records: bool = True) -> dict[str, Any]:
     from visa.progress import selection_table
-    from visa.selection import SelectionError, read_run, resolve_options, select
+    from visa.selection import read_run, resolve_options, select
 
     try:
         result = select(run_dir, resolve_options(read_run(run_dir), overrides), write_records=write_records)
-    except (SelectionError, *_user_errors()) as err:
+    except _user_errors() as err:
         _fail(str(err).splitlines()[0])
     out.print(selection_table(result.summary))
     return result.summary
@@ -246,7 +247,7 @@ def version_cmd() -> None:
 def _register_subcommands() -> None:
     from visa.bench import register as register_bench
 
-    register_bench(app)
+    register_bench(app, console, _fail, _user_errors)
 
 
 _register_subcommands()

@@ -1,17 +1,23 @@
 """Benchmarks shipped with the tool: `visa bench noise` (selection quality) and `visa bench speed`.
 
-``register(app)`` adds the ``bench`` sub-command group to the `visa` Typer app.
+``register(app, ...)`` adds the ``bench`` sub-command group to the `visa` Typer app.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 
-def register(app: Any) -> None:
-    """Add ``visa bench noise`` and ``visa bench speed`` to ``app`` (a typer.Typer)."""
+def register(
+    app: Any,
+    console: Any,
+    fail: Callable[[str], None],
+    user_errors: Callable[[], tuple[type[BaseException], ...]],
+) -> None:
+    """Add ``visa bench noise`` and ``visa bench speed`` to ``app`` (a typer.Typer), reporting through
+    the CLI's own ``console`` (stderr), ``fail`` (one-line error, exit 2) and ``user_errors``."""
     import typer
     from rich.console import Console
-    from rich.text import Text
 
     bench = typer.Typer(
         name="bench",
@@ -20,29 +26,12 @@ def register(app: Any) -> None:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
-    console = Console(stderr=True)
     out = Console(width=200)
 
-    def fail(message: str) -> None:
-        console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
-        raise typer.Exit(2)
-
-    def user_errors() -> tuple[type[BaseException], ...]:
+    def bench_errors() -> tuple[type[BaseException], ...]:
         from visa.bench.noise import BenchError
-        from visa.readers import InputError
-        from visa.recipe import RecipeError
-        from visa.selection import SelectionError
-        from visa.store import WorkDirMismatch
 
-        return (
-            BenchError,
-            RecipeError,
-            InputError,
-            SelectionError,
-            WorkDirMismatch,
-            FileNotFoundError,
-            NotADirectoryError,
-        )
+        return (BenchError, *user_errors())
 
     @bench.command("noise")
     def noise_cmd(
@@ -108,7 +97,7 @@ def register(app: Any) -> None:
                     workers=workers,
                     progress=RunProgress(bars),
                 )
-        except user_errors() as err:
+        except bench_errors() as err:
             fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
             return
         out.print(rich_table(report))
@@ -141,7 +130,7 @@ def register(app: Any) -> None:
 
         try:
             report = run_speed(recipe, data, out_dir, image_root=image_root, workers=workers, ratios=ratios)
-        except user_errors() as err:
+        except bench_errors() as err:
             fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
             return
         out.print(rich_table(report))
