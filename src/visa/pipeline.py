@@ -130,27 +130,19 @@ def _chunks(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 def run_agent_batches(agent: Agent, items: Sequence[Any]) -> list[Result]:
     """Call ``score_batch`` in batches; a batch that raises is retried item by item so one bad item
     never costs the others its result."""
-    results: list[Result] = []
-    for batch in _chunks(items, max(1, agent.params.batch_size)):
-        try:
-            out = agent.score_batch(batch)
-            if len(out) != len(batch):
-                raise RuntimeError(f"score_batch returned {len(out)} results for {len(batch)} items")
-        except Exception as err:  # noqa: BLE001 - isolate the failing item
-            if len(batch) == 1:
-                out = [err]
-            else:
-                out = [r for item in batch for r in run_agent_batches_single(agent, item)]
-        results.extend(out)
-    return results
+    return [r for batch in _chunks(items, max(1, agent.params.batch_size)) for r in _score_chunk(agent, batch)]
 
 
-def run_agent_batches_single(agent: Agent, item: Any) -> list[Result]:
+def _score_chunk(agent: Agent, batch: Sequence[Any]) -> list[Result]:
     try:
-        out = agent.score_batch([item])
-        return out if len(out) == 1 else [RuntimeError("score_batch returned a wrong number of results")]
-    except Exception as err:  # noqa: BLE001
-        return [err]
+        out = agent.score_batch(batch)
+        if len(out) != len(batch):
+            raise RuntimeError(f"score_batch returned {len(out)} results for {len(batch)} items")
+        return out
+    except Exception as err:  # noqa: BLE001 - isolate the failing item
+        if len(batch) == 1:
+            return [err]
+        return [r for item in batch for r in _score_chunk(agent, [item])]
 
 
 def results_table(keys: Sequence[str], results: Sequence[Result], outputs: dict[str, pa.DataType]) -> pa.Table:
