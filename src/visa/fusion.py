@@ -35,22 +35,17 @@ Choices made here (METHOD.md "Fusion", marked "our choice" there):
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-#: Families scored once per unique image unless told otherwise.
-IMAGE_FAMILIES = frozenset({"sc", "oa", "dp"})
-#: Column prefixes that look like ``<family>.<agent>`` but are not scores.
-NOT_SCORES = frozenset({"meta", "image"})
+from visa.families import UNITS, default_unit, families_from_columns
+
 EXACT_MAX_AGENTS = 12
 DEFAULT_PERMUTATIONS = 2000
-
-_AGENT_COLUMN = re.compile(r"^([a-z][a-z0-9_]*)\.([a-z][a-z0-9_]*)$")
 
 
 class FusionError(ValueError):
@@ -130,17 +125,12 @@ def shapley_sampled(
 # ---------------------------------------------------------------------------------------------
 # Families and calibration
 # ---------------------------------------------------------------------------------------------
-def score_families(schema: pa.Schema, exclude: Iterable[str] = NOT_SCORES) -> dict[str, list[str]]:
-    """``{family: [agent columns]}`` from column names ``<family>.<agent>`` with a numeric type."""
-    skip = set(exclude)
-    families: dict[str, list[str]] = {}
-    for field in schema:
-        match = _AGENT_COLUMN.match(field.name)
-        if not match or match.group(1) in skip:
-            continue
-        if pa.types.is_floating(field.type) or pa.types.is_integer(field.type):
-            families.setdefault(match.group(1), []).append(field.name)
-    return families
+def score_families(schema: pa.Schema) -> dict[str, list[str]]:
+    """``{family: [agent columns]}`` from numeric ``<family>.<agent>`` columns that are scores
+    (:func:`visa.families.families_from_columns`: no ``meta.*``, no descriptive family)."""
+    return families_from_columns(
+        (f.name, pa.types.is_floating(f.type) or pa.types.is_integer(f.type)) for f in schema
+    )
 
 
 def _as_float(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -352,9 +342,9 @@ def fuse_scores(
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Add one fused float64 column per score family (named after the family) to ``table``.
 
-    ``families`` maps a family to its agent columns (default: every numeric ``<family>.<agent>``
-    column except ``meta.*`` and ``image.*``). ``units`` maps a family to ``"image"`` or ``"sample"``
-    (default: ``sc``, ``oa``, ``dp`` are image-level, the rest sample-level). An existing column with
+    ``families`` maps a family to its agent columns (default: :func:`score_families`). ``units``
+    maps a family to ``"image"`` or ``"sample"`` (default: the family's unit in
+    :mod:`visa.families`; ``sc``, ``oa``, ``dp`` are image-level, the rest sample-level). An existing column with
     a family's name is replaced. ``codes`` are the table's :func:`image_codes` when the caller already
     has them (they are computed here otherwise). Returns the table and ``{family: report}`` (JSON-able; it goes into
     run.json under ``shapley``).
@@ -374,8 +364,8 @@ def fuse_scores(
             raise FusionError(f"score family '{family}': no column {', '.join(missing)} in the table")
         if not agents:
             continue
-        unit = units.get(family, "image" if family in IMAGE_FAMILIES else "sample")
-        if unit not in ("image", "sample"):
+        unit = units.get(family, default_unit(family))
+        if unit not in UNITS:
             raise FusionError(f"score family '{family}': unit must be 'image' or 'sample', not '{unit}'")
         if unit == "image":
             if image_pool is None:

@@ -7,7 +7,6 @@ recipes live in ``visa/recipes/<name>.yaml``; ``--recipe`` takes a bundled name 
 
 from __future__ import annotations
 
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, get_args
@@ -16,11 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from visa.agents.base import Agent, Unit
+from visa.families import NAME as SCORE_NAME
 from visa.images import ImageLimits
 from visa.registry import AGENTS, UnknownName, agent_class, did_you_mean, is_known
-from visa.selection import SelectionOptions
-
-SCORE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+from visa.selection.options import SelectionOptions
 
 
 class RecipeError(ValueError):

@@ -18,17 +18,18 @@ import pyarrow.compute as pc
 
 from visa import __version__
 from visa.assemble import assemble
+from visa.families import is_score
 from visa.pipeline import AgentStats, ShardStats, plan_agents
 from visa.progress import RunProgress
 from visa.readers import Input, duplicate_ids, open_input
 from visa.recipe import Recipe, RecipeError
-from visa.store import WorkDir, atomic_write_json, atomic_write_table
+from visa.run_folder import RunFolder, RunRecord
+from visa.store import WorkDir
 
 RECORDED_PACKAGES = (
     "torch", "transformers", "pyarrow", "pillow", "scikit-image", "numpy", "sentence-transformers",
     "rapidocr-onnxruntime", "onnxruntime", "vllm", "ray", "datasets",
 )
-IMAGE_LEVEL_NON_SCORES = frozenset({"image"})
 
 
 @dataclass
@@ -90,7 +91,8 @@ def score(
     executor: Any = None,
     progress: RunProgress | None = None,
 ) -> dict[str, Any]:
-    """Score ``data`` with ``recipe`` into ``run_dir``; returns the run record (also in run.json)."""
+    """Score ``data`` with ``recipe`` into ``run_dir``; returns the run record (also in run.json) as
+    a JSON-able dict."""
     started = time.perf_counter()
     progress = progress or RunProgress(None)
     if recipe.execution.hf_offline:
@@ -101,6 +103,7 @@ def score(
     data = Path(data).resolve()
     root = Path(image_root).resolve() if image_root else (data if data.is_dir() else data.parent)
     run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
     work = WorkDir(run_dir)
     work.claim(
         {
@@ -135,7 +138,7 @@ def score(
     families: dict[str, list[str]] = {}
     units: dict[str, str] = {}
     for p in planned:
-        if p.bound.score not in IMAGE_LEVEL_NON_SCORES and "score" in p.agent.all_outputs():
+        if is_score(p.bound.score) and "score" in p.agent.all_outputs():
             families.setdefault(p.bound.score, []).append(p.column)
             units[p.bound.score] = str(p.agent.unit)
     shapley: dict[str, Any] = {}
@@ -143,8 +146,7 @@ def score(
         from visa.fusion import fuse_scores
 
         table, shapley = fuse_scores(table, families, units=units)
-    scores_path = run_dir / "scores.parquet"
-    atomic_write_table(scores_path, table)
+    folder.write_table(folder.scores, table)
     assemble_seconds = time.perf_counter() - assemble_started
 
     markers = work.shard_markers()
@@ -152,7 +154,7 @@ def score(
     errors = Counter(k for k in table.column("error_kind").to_pylist() if k is not None)
     ok = table.filter(pc.is_null(table.column("error")))
     keys = {k for ks in table.column("image_keys").to_pylist() for k in ks or ()}
-    record = {
+    record = RunRecord.model_validate({
         "visa_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
@@ -194,10 +196,10 @@ def score(
             "total_seconds": round(time.perf_counter() - started, 3),
         },
         "shapley": shapley,
-        "outputs": {"scores": str(scores_path)},
-    }
-    atomic_write_json(run_dir / "run.json", record)
-    return record
+        "outputs": {"scores": str(folder.scores)},
+    })
+    folder.write_record(record)
+    return record.to_json()
 
 
 def _package_versions() -> dict[str, str]:

@@ -17,8 +17,6 @@ or run asks for it, and changing one agent's parameters recomputes that agent on
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from visa.run_folder import RunFolder, atomic_write_json, atomic_write_table
 from visa.samples import stable_hash
 
 STATE_VERSION = 1
@@ -33,38 +32,6 @@ STATE_VERSION = 1
 
 class WorkDirMismatch(RuntimeError):
     """RUN_DIR holds work for a different input or shard size."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def atomic_write_table(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def fingerprint(identity: dict[str, Any]) -> str:
@@ -75,7 +42,7 @@ class WorkDir:
     """Access to ``RUN_DIR/work``. Safe to use from several processes (all writes are atomic)."""
 
     def __init__(self, run_dir: Path):
-        self.root = Path(run_dir) / "work"
+        self.root = RunFolder(run_dir).work
         self.samples_dir = self.root / "samples"
         self.results_dir = self.root / "results"
 

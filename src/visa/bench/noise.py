@@ -20,8 +20,9 @@ selection, and the baselines: random subsets, raw image-text similarity) is then
   itself, among the selected samples; and the noise rate of that subset (1 - precision) against the
   pool's.
 
-Sign convention: higher = cleaner for sc, oa, dp, im and every other column, except pt, where a
-higher perplexity means noisier text, so pt columns are negated before rating.
+Sign convention: each family's ``direction`` in :mod:`visa.families`: higher = cleaner for sc, oa,
+dp, im and every other column, except pt, where a higher perplexity means noisier text, so pt
+columns are negated before rating. Descriptive families (image statistics) are not rated.
 """
 
 from __future__ import annotations
@@ -37,12 +38,11 @@ from typing import Any
 
 import numpy as np
 
+from visa import families as fam
+
 DEGRADATIONS = ("blank", "blur", "thumbnail", "noise", "jpeg")
 NOISE_KINDS = ("misaligned", *DEGRADATIONS, "text_only")
-FUSED = ("sc", "oa", "dp", "pt", "im")
-FLIPPED_FAMILIES = frozenset({"pt"})
 SIMILARITY_COLUMN = "im.similarity.similarity"
-NOT_RATED_FAMILIES = frozenset({"image"})  # image statistics: descriptive, no direction
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 # Questions a text model answers without looking at the picture.
@@ -110,23 +110,20 @@ def auroc(clean: np.ndarray, noisy: np.ndarray) -> float:
 
 
 def budget_count(budget: int | str | None, pool: int) -> int:
-    """Samples the budget keeps in a pool of ``pool`` (a count, or 'p%' rounded half up)."""
-    if budget is None:
+    """Samples the budget keeps in a pool of ``pool``: the selection's budget rule
+    (:func:`visa.selection.options.parse_budget`: a count, or 'p%' rounded half up), at least 1."""
+    from visa.selection.options import budget_rows, parse_budget
+
+    try:
+        parsed = parse_budget(budget)
+    except ValueError:
+        raise BenchError(f"budget must be a count or a percentage like '50%', not {budget!r}") from None
+    rows = budget_rows(parsed, pool)
+    if rows is None:
         return pool
-    if isinstance(budget, str):
-        text = budget.strip()
-        try:
-            if text.endswith("%"):
-                share = float(text[:-1]) / 100.0
-                if not 0 < share <= 1:
-                    raise ValueError
-                return max(1, min(pool, math.floor(share * pool + 0.5)))
-            budget = int(text)
-        except ValueError:
-            raise BenchError(f"budget must be a count or a percentage like '50%', not {budget!r}") from None
-    if budget < 1:
-        raise BenchError(f"budget must be at least 1, not {budget}")
-    return min(pool, int(budget))
+    if parsed in (0, "0%"):
+        raise BenchError(f"budget must be at least 1 sample, not {budget!r}")
+    return max(1, min(pool, rows))
 
 
 def precision_at(values: np.ndarray, clean: np.ndarray, k: int) -> float:
@@ -415,14 +412,17 @@ def signal_columns(table: Any, run: Mapping[str, Any] | None = None) -> list[str
     """Fused score columns, then every agent's primary score column, in table order."""
     names = table.column_names
     numeric = {f.name for f in table.schema if _is_number(f.type)}
-    fused = [c for c in FUSED if c in numeric]
+    fused = [c for c in fam.SCORE_FAMILIES if c in numeric]
     agents: list[str] = []
     for agent in (run or {}).get("agents") or []:
         column = agent.get("column") if isinstance(agent, Mapping) else None
-        if isinstance(column, str) and column in numeric and agent.get("score") not in NOT_RATED_FAMILIES:
+        if isinstance(column, str) and column in numeric and fam.is_score(str(agent.get("score"))):
             agents.append(column)
     if not agents:
-        agents = [c for c in names if c in numeric and c.count(".") == 1 and c.split(".")[0] in FUSED]
+        agents = [
+            c for c in names
+            if c in numeric and (parts := fam.split_agent_column(c)) and parts[0] in fam.SCORE_FAMILIES
+        ]
     return fused + [c for c in agents if c not in fused]
 
 
@@ -433,7 +433,7 @@ def _is_number(kind: Any) -> bool:
 
 
 def _direction(column: str) -> tuple[bool, str]:
-    flip = column.split(".")[0] in FLIPPED_FAMILIES
+    flip = fam.spec(column.split(".")[0]).direction < 0
     return flip, ("lower = cleaner (negated)" if flip else "higher = cleaner")
 
 
@@ -505,10 +505,11 @@ def evaluate(
     """Rate every signal of a scored pool; returns the report (also the JSON written by the command)."""
     import pyarrow.parquet as pq
 
+    from visa.run_folder import RunFolder
     from visa.selection import read_run
 
-    run = read_run(run_dir)
-    table = pq.read_table(Path(run_dir) / "scores.parquet")
+    run = read_run(run_dir).to_json()
+    table = pq.read_table(RunFolder(run_dir).scores)
     pool = read_records(pool_path)
     kinds = pool_kinds(table, pool)
     k = budget_count(budget, table.num_rows)
@@ -659,6 +660,7 @@ def run_noise(
     """Build the pool in ``out_dir/pool``, score it into ``out_dir/run``, select, rate; write
     ``out_dir/noise.json`` and ``out_dir/noise.md``. Returns the report."""
     from visa.recipe import load_recipe
+    from visa.run_folder import RunFolder
     from visa.scoring import score
     from visa.selection import resolve_options, select
 
@@ -668,12 +670,13 @@ def run_noise(
     options = pool_options or PoolOptions(seed=seed)
     pool_path = build_pool(data, out_dir / "pool", options, image_root=image_root)
     run_dir = out_dir / "run"
+    folder = RunFolder(run_dir)
     record = score(loaded, pool_path, run_dir, workers=workers, progress=progress)
     result = select(run_dir, resolve_options(record, {"budget": budget, "seed": seed}), write_records=False)
     import pyarrow.parquet as pq
 
-    selection = pq.read_table(run_dir / "selection.parquet", columns=["row", "selected", "reason"])
-    scores_rows = pq.read_table(run_dir / "scores.parquet", columns=["row"]).column("row").to_pylist()
+    selection = pq.read_table(folder.selection, columns=["row", "selected", "reason"])
+    scores_rows = pq.read_table(folder.scores, columns=["row"]).column("row").to_pylist()
     chosen = dict(
         zip(selection.column("row").to_pylist(), selection.column("selected").to_pylist(), strict=True)
     )

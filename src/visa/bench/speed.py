@@ -50,7 +50,7 @@ from visa.scoring import score
 recipe, data, run_dir, root, workers = sys.argv[1:6]
 record = score(load_recipe(recipe), Path(data), Path(run_dir), image_root=Path(root) if root else None,
                workers=int(workers))
-print(json.dumps({"run_json": str(Path(run_dir) / "run.json")}))
+print(json.dumps({"run_dir": str(Path(run_dir))}))
 """
 
 
@@ -196,7 +196,9 @@ def run_speed(
         from visa.bench.noise import BenchError
 
         raise BenchError(f"the scoring run failed (exit {child.returncode}): {tail}")
-    run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    from visa.run_folder import RunFolder
+
+    run = RunFolder(run_dir).read_record().to_json()
     report = speed_report(run, wall, peak)
     report["peak_rss_note"] = (
         "max resident set of the scoring child (ru_maxrss of RUSAGE_CHILDREN; if an "

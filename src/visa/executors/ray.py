@@ -50,8 +50,9 @@ from visa.pipeline import (
     prepare_shard,
 )
 from visa.recipe import Recipe, RecipeError
+from visa.run_folder import atomic_write
 from visa.samples import RawRecord, stable_hash
-from visa.store import WorkDir, atomic_write_bytes
+from visa.store import WorkDir
 
 ShardHook = Callable[[ShardStats], None]
 
@@ -210,7 +211,7 @@ class _AgentStage:
                     "finishing: one of its records probably crashes the worker process (out of memory, or a "
                     "crash inside a model library); finished shards are stored, rerun to resume"
                 )
-            atomic_write_bytes(marker, str(attempt).encode())
+            atomic_write(marker, str(attempt).encode())
             self.group.run(prepared)
             marker.unlink(missing_ok=True)
             prepared.drop_inputs(payloads=not self.keep_payloads, samples=not self.keep_samples)

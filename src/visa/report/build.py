@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from importlib import resources
@@ -25,6 +23,7 @@ from visa.report.data import (
     aux_columns,
     load_run,
 )
+from visa.run_folder import RunFolder, atomic_write
 
 CORRELATION_SAMPLE = 100_000
 ERROR_EXAMPLES = 3
@@ -47,15 +46,10 @@ def build_report(run_dir: Path, *, out: Path | None = None, gallery_size: int = 
     run_dir = Path(run_dir)
     data = load_run(run_dir)
     html = render(_Builder(data, gallery_size=gallery_size, seed=seed).context())
-    target = Path(out) if out is not None else run_dir / "report.html"
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    target = Path(out) if out is not None else RunFolder(run_dir).report
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(html, encoding="utf-8")
-        os.replace(tmp, target)
+        atomic_write(target, html.encode("utf-8"))
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise ReportError(f"cannot write the report to {target}: {err.strerror or err}") from None
     return target
 

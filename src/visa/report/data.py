@@ -9,7 +9,6 @@ for the few rows that are shown, one row group at a time. Everything here is vec
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,27 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from visa.selection import REASONS, SelectionError, read_run
+from visa import families as fam
+from visa.run_folder import RunFolder, RunFolderError
+from visa.selection.stages import REASONS
 
-#: Score families in the order the method presents them, with their titles.
-FAMILY_TITLES = {
-    "sc": "SC · segmentation complexity",
-    "oa": "OA · object alignment",
-    "dp": "DP · diversity perspective",
-    "pt": "PT · prior token perplexity",
-    "im": "IM · image-text mutual information",
-    "image": "Image statistics",
-}
-FAMILY_HINTS = {
-    "sc": "how many distinct regions an image has (higher = more visual elements)",
-    "oa": "how many and how rare the recognised objects are",
-    "dp": "a judge's rating of information richness",
-    "pt": "perplexity of the first answer tokens (the high tail is garbled text)",
-    "im": "how much the image helps predict the answer (<= 0: the image is not needed)",
-    "image": "entropy of the grey levels (bits); not a selection score",
-}
-IMAGE_LEVEL = frozenset({"sc", "oa", "dp", "image"})
-NOT_FAMILIES = frozenset({"meta"})
 REASON_ORDER = REASONS
 REASON_TEXT = {
     "error": "the sample has an error",
@@ -55,8 +37,6 @@ REASON_TEXT = {
 MAX_CATEGORIES = 24
 MAX_CATEGORY_FIELDS = 6
 _BATCH = 1 << 16
-
-_AGENT_COLUMN = re.compile(r"^([A-Za-z][A-Za-z0-9_]*)\.([A-Za-z][A-Za-z0-9_]*)$")
 
 
 class ReportError(ValueError):
@@ -75,11 +55,11 @@ class Family:
 
     @property
     def title(self) -> str:
-        return FAMILY_TITLES.get(self.name, self.name)
+        return fam.spec(self.name).title
 
     @property
     def hint(self) -> str:
-        return FAMILY_HINTS.get(self.name, "")
+        return fam.spec(self.name).hint
 
     @property
     def ranking_column(self) -> str | None:
@@ -140,22 +120,21 @@ class RunData:
 
 def read_run_json(run_dir: Path) -> dict[str, Any]:
     """run.json as a dict ({} when the run has none: the report also works from the table alone)."""
-    if not (run_dir / "run.json").is_file():
-        return {}
     try:
-        return read_run(run_dir)
-    except SelectionError as err:
+        return RunFolder(run_dir).read_record_or_empty().to_json()
+    except RunFolderError as err:
         raise ReportError(str(err)) from None
 
 
 def load_run(run_dir: Path) -> RunData:
     """Read ``run.json``, ``scores.parquet`` and (when present) ``selection.parquet``."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ReportError(f"run folder not found: {run_dir}")
-    scores_path = run_dir / "scores.parquet"
-    if not scores_path.is_file():
-        raise ReportError(f"{run_dir} is not a finished run folder: no scores.parquet")
+    folder = RunFolder(run_dir)
+    try:
+        folder.require_dir()
+        scores_path = folder.require_scores()
+    except RunFolderError as err:
+        raise ReportError(str(err)) from None
     run = read_run_json(run_dir)
     try:
         schema = pq.read_schema(scores_path)
@@ -193,7 +172,7 @@ def load_run(run_dir: Path) -> RunData:
     )
     del table
     categories = _categories(scores_path, schema, n)
-    selection = _selection(run_dir / "selection.parquet", rows, notes)
+    selection = _selection(folder.selection, rows, notes)
     return RunData(
         run_dir=run_dir,
         run=run,
@@ -227,39 +206,28 @@ def _is_number(kind: pa.DataType) -> bool:
 
 
 def _families(run: Mapping[str, Any], schema: pa.Schema) -> list[Family]:
-    """Score families from run.json's agents and shapley sections, completed from the column names."""
-    types = {f.name: f.type for f in schema}
-    agents: dict[str, list[str]] = {}
-    units: dict[str, str] = {}
+    """Score families from run.json's agents and shapley sections, completed from the column names.
+
+    Descriptive families (image statistics) are listed too: the report shows them, unfused.
+    """
+    numeric = {f.name: _is_number(f.type) for f in schema}
     listed = run.get("agents")
-    for agent in listed if isinstance(listed, list) else []:
-        if not isinstance(agent, Mapping):
-            continue
-        column, family = agent.get("column"), agent.get("score")
-        if not isinstance(column, str) or not isinstance(family, str) or family in NOT_FAMILIES:
-            continue
-        if column in types and _is_number(types[column]):
-            agents.setdefault(family, [])
-            if column not in agents[family]:
-                agents[family].append(column)
-        if agent.get("unit") in ("image", "sample"):
-            units.setdefault(family, str(agent["unit"]))
-    for name, kind in types.items():
-        match = _AGENT_COLUMN.match(name)
-        if match and match.group(1) not in NOT_FAMILIES and _is_number(kind):
-            family = agents.setdefault(match.group(1), [])
-            if name not in family:
-                family.append(name)
+    agents, units = fam.families_from_agents(
+        [a for a in listed if isinstance(a, Mapping)] if isinstance(listed, list) else [], numeric,
+        scores_only=False,
+    )
+    for name, columns in fam.families_from_columns(numeric.items(), scores_only=False).items():
+        members = agents.setdefault(name, [])
+        members.extend(c for c in columns if c not in members)
     shapley = run.get("shapley") if isinstance(run.get("shapley"), Mapping) else {}
-    for name in list(FAMILY_TITLES) + list(shapley):
-        if name in types and _is_number(types[name]) and name not in NOT_FAMILIES:
+    for name in list(fam.FAMILIES) + list(shapley):
+        if numeric.get(name) and name != fam.META:
             agents.setdefault(name, [])
-    order = {name: i for i, name in enumerate(FAMILY_TITLES)}
     out = []
-    for name in sorted(agents, key=lambda f: (order.get(f, len(order)), f)):
+    for name in sorted(agents, key=fam.order_key):
         report = shapley.get(name) if isinstance(shapley.get(name), Mapping) else None
-        unit = units.get(name) or (report or {}).get("unit") or ("image" if name in IMAGE_LEVEL else "sample")
-        fused = name if name in types and _is_number(types[name]) else None
+        unit = units.get(name) or (report or {}).get("unit") or fam.default_unit(name)
+        fused = name if numeric.get(name) else None
         if fused is None and not agents[name]:
             continue
         out.append(Family(name, str(unit), fused, agents[name], dict(report) if report else None))

@@ -117,31 +117,26 @@ def load_shown(
     shown = {row: Shown(row) for row in wanted}
     if not wanted:
         return shown
-    spec = run.get("input") if isinstance(run.get("input"), Mapping) else {}
-    path = spec.get("path") if isinstance(spec.get("path"), str) else None
-    if not path:
+    from visa.images import ImageError, ImageLimits, ImageSource
+    from visa.readers import InputError
+    from visa.run_folder import NoInputRecorded, RunRecord, reopen_input
+    from visa.samples import RecordError, normalize
+
+    record = RunRecord.model_validate(run)
+    try:
+        source, changed = reopen_input(record)
+    except NoInputRecorded:
         _note_all(shown, "the run records no input path")
         notes.append("run.json names no input: galleries show scores without images or texts")
         return shown
-    from visa.images import ImageError, ImageLimits, ImageSource
-    from visa.readers import InputError, open_input
-    from visa.samples import RecordError, normalize
-
-    try:
-        source = open_input(path)
     except (InputError, OSError) as err:
         _note_all(shown, "input not readable")
         notes.append(f"the input cannot be read ({_first_line(err)}): galleries show scores only")
         return shown
-    expected = spec.get("fingerprint")
-    try:
-        if isinstance(expected, str) and source.fingerprint() != expected:
-            notes.append(
-                "the input changed since the run: each shown record is checked against its sample id"
-            )
-    except OSError:
-        pass
-    root = Path(spec["image_root"]) if isinstance(spec.get("image_root"), str) else Path(path).parent
+    if changed:
+        notes.append("the input changed since the run: each shown record is checked against its sample id")
+    assert record.input is not None and record.input.path is not None
+    root = Path(record.input.image_root or Path(record.input.path).parent)
     images = ImageSource(root, ImageLimits(allow_urls=False))
     cache: dict[str, tuple[str | None, str | None]] = {}
     last = max(wanted)

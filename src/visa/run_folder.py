@@ -1,0 +1,328 @@
+"""The run folder: every path of a run, its typed record (``run.json``) and the one atomic writer.
+
+Layout of ``RUN_DIR`` (only this module spells these names)::
+
+    run.json            the run record (:class:`RunRecord`): scoring writes it, selection extends it
+    scores.parquet      one row per input record: ids, per-agent and fused score columns, errors
+    selection.parquet   written by `visa select`: selected, rank, visual / instruction score, reason
+    selected.*          the selected records in the input's own format (the reader names the file)
+    dataset_info.json   a LLaMA-Factory entry for the selected records
+    report.html         written by `visa report`
+    work/               shard outputs and the content-keyed result store (:mod:`visa.store`)
+
+Every file of a run is written by :func:`atomic_write`: into a temporary file next to the target,
+flushed to disk, then renamed over it, so a reader (or a crash) sees the whole old file or the
+whole new one. New files get the permissions the user's umask gives any other file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from visa.readers import Input
+
+RUN_JSON = "run.json"
+SCORES = "scores.parquet"
+SELECTION = "selection.parquet"
+DATASET_INFO = "dataset_info.json"
+REPORT = "report.html"
+WORK = "work"
+
+#: The layout of run.json this release writes; a record without the key is a layout-1 record.
+RECORD_VERSION = 1
+
+
+class RunFolderError(ValueError):
+    """The run folder or its record cannot be used; the message is one clear line."""
+
+
+class NoInputRecorded(RunFolderError):
+    """run.json does not name the input the run scored."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The one atomic writer
+# ---------------------------------------------------------------------------------------------
+def _temporary(path: Path) -> Path:
+    # ends in ".tmp": WorkDir.claim removes what a killed writer left behind
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def atomic_write(path: Path, content: bytes | Callable[[Path], None]) -> None:
+    """Write ``path`` atomically: ``content`` bytes, or a function that writes the file it is given.
+
+    The temporary file is created like any other file (mode 0666 less the umask), flushed to disk
+    and renamed over ``path``; on any error it is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    try:
+        if isinstance(content, bytes):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(content)
+                fh.flush()
+                os.fsync(fh.fileno())
+        else:
+            content(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def json_bytes(obj: Any) -> bytes:
+    """The one JSON layout of a run's files: indented, keys sorted, UTF-8, newline at the end."""
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n").encode()
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON (:func:`json_bytes`) atomically."""
+    atomic_write(path, json_bytes(obj))
+
+
+def atomic_write_table(path: Path, table: pa.Table, **options: Any) -> None:
+    """Write ``table`` as Parquet atomically; ``options`` go to ``pyarrow.parquet.write_table``
+    (default: zstd compression)."""
+    import pyarrow.parquet as pq
+
+    options.setdefault("compression", "zstd")
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, **options))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run record
+# ---------------------------------------------------------------------------------------------
+class _Section(BaseModel):
+    """A run.json section: known fields typed, unknown ones kept as they are."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class InputRecord(_Section):
+    """The input the run scored."""
+
+    path: str | None = None
+    format: str | None = None
+    fingerprint: str | None = None
+    image_root: str | None = None
+
+
+class AgentRecord(_Section):
+    """One agent of the run: its score column, family, unit and identity."""
+
+    column: str
+    score: str
+    name: str | None = None
+    type: str | None = None
+    unit: str | None = None
+    fingerprint: str | None = None
+    identity: dict[str, Any] | None = None
+    models: Any = None
+
+
+class Counts(_Section):
+    """Record, image, error and malformed-line counts of the scored input."""
+
+    records: int | None = None
+    ok: int | None = None
+    unique_images: int | None = None
+    text_only: int | None = None
+    errors: dict[str, int] = Field(default_factory=dict)
+    malformed: int | None = None
+    malformed_lines: list[int] = Field(default_factory=list)
+
+
+class ShardCounts(_Section):
+    """Shards of the run, how many were already done (resumed), and the shard size."""
+
+    total: int | None = None
+    resumed: int | None = None
+    size: int | None = None
+
+
+class AgentTiming(_Section):
+    """Items an agent scored in this run, its errors and its seconds."""
+
+    items: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+
+
+class Timings(_Section):
+    """Per-agent timings and the seconds of the run's phases."""
+
+    agents: dict[str, AgentTiming] = Field(default_factory=dict)
+    scoring_seconds: float | None = None
+    assemble_seconds: float | None = None
+    total_seconds: float | None = None
+
+
+class RunRecord(_Section):
+    """``run.json``: what was run on what, with which agents, what came out and how long it took.
+
+    Scoring writes every section but ``selection``; `visa select` replaces ``shapley`` with the
+    weights it fitted and adds ``selection`` (its summary). Every field is optional, so a partial
+    record (an older run, a table fused elsewhere) still loads; unknown keys are kept as written.
+    """
+
+    record_version: int | None = None
+    visa_version: str | None = None
+    created: str | None = None
+    command: str | None = None
+    python: str | None = None
+    packages: dict[str, str] = Field(default_factory=dict)
+    run_dir: str | None = None
+    input: InputRecord | None = None
+    recipe: dict[str, Any] | None = None
+    agents: list[AgentRecord] = Field(default_factory=list)
+    counts: Counts = Field(default_factory=Counts)
+    shards: ShardCounts = Field(default_factory=ShardCounts)
+    timings: Timings = Field(default_factory=Timings)
+    shapley: dict[str, Any] = Field(default_factory=dict)
+    selection: dict[str, Any] | None = None
+    outputs: dict[str, str] = Field(default_factory=dict)
+
+    def agent_dicts(self) -> list[dict[str, Any]]:
+        """The agents as plain mappings (``column``, ``score``, ``unit``, ...)."""
+        return [a.model_dump(mode="json") for a in self.agents]
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as run.json holds it: the fields that were read or set, nothing invented."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+def _validation_line(err: ValidationError, path: Path, raw: Mapping[str, Any]) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    version = raw.get("visa_version")
+    written = f" (written by visa {version})" if isinstance(version, str) else ""
+    return f"{path}{written}: field {where}: {first['msg']}"
+
+
+def parse_record(raw: Any, path: Path) -> RunRecord:
+    """A :class:`RunRecord` from parsed JSON, or a RunFolderError naming the field and the version."""
+    if not isinstance(raw, dict):
+        raise RunFolderError(f"{path} must hold a JSON object")
+    version = raw.get("record_version", 1)
+    if isinstance(version, int) and not isinstance(version, bool) and version > RECORD_VERSION:
+        raise RunFolderError(
+            f"{path} was written by visa {raw.get('visa_version', '(unknown)')} in record layout "
+            f"{version}; this visa reads layout {RECORD_VERSION} and older: upgrade visa"
+        )
+    try:
+        return RunRecord.model_validate(raw)
+    except ValidationError as err:
+        raise RunFolderError(_validation_line(err, path, raw)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder
+# ---------------------------------------------------------------------------------------------
+class RunFolder:
+    """Every path of one run folder, and reading and writing its record."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    @property
+    def run_json(self) -> Path:
+        return self.path / RUN_JSON
+
+    @property
+    def scores(self) -> Path:
+        return self.path / SCORES
+
+    @property
+    def selection(self) -> Path:
+        return self.path / SELECTION
+
+    @property
+    def dataset_info(self) -> Path:
+        return self.path / DATASET_INFO
+
+    @property
+    def report(self) -> Path:
+        return self.path / REPORT
+
+    @property
+    def work(self) -> Path:
+        return self.path / WORK
+
+    # -- checks ----------------------------------------------------------------------------------
+    def require_dir(self) -> None:
+        """RunFolderError unless the folder exists."""
+        if not self.path.is_dir():
+            raise RunFolderError(f"run folder not found: {self.path}")
+
+    def require_scores(self) -> Path:
+        """The score table's path; RunFolderError when the run has not finished scoring."""
+        if not self.scores.is_file():
+            raise RunFolderError(f"{self.path} is not a finished run folder: no {SCORES}")
+        return self.scores
+
+    def has_record(self) -> bool:
+        return self.run_json.is_file()
+
+    # -- the record ------------------------------------------------------------------------------
+    def read_record(self) -> RunRecord:
+        """run.json as a :class:`RunRecord`; RunFolderError (one line) when it is missing or invalid."""
+        if not self.has_record():
+            raise RunFolderError(f"{self.path} is not a finished run folder: no {RUN_JSON}")
+        try:
+            raw = json.loads(self.run_json.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise RunFolderError(f"{self.run_json} is not readable JSON: {err}") from None
+        return parse_record(raw, self.run_json)
+
+    def read_record_or_empty(self) -> RunRecord:
+        """The record, or an empty one when the folder has no run.json (a table scored elsewhere)."""
+        return self.read_record() if self.has_record() else RunRecord()
+
+    def write_record(self, record: RunRecord) -> None:
+        """Write run.json atomically (sorted keys: the same record gives the same bytes)."""
+        record.record_version = RECORD_VERSION
+        atomic_write(self.run_json, json_bytes(record.to_json()))
+
+    def write_json(self, path: Path, obj: Any) -> None:
+        """Write one of the folder's JSON files atomically."""
+        atomic_write_json(path, obj)
+
+    def write_table(self, path: Path, table: pa.Table, **options: Any) -> None:
+        """Write one of the folder's Parquet files atomically (``options``: ``pq.write_table``'s)."""
+        atomic_write_table(path, table, **options)
+
+
+def reopen_input(record: RunRecord) -> tuple[Input, bool]:
+    """The input the run scored, and whether it changed since (its fingerprint differs).
+
+    Rows of the score table are positions in the input: reading records from an input rewritten
+    after scoring reads the wrong ones, so callers either refuse a changed input (selection) or
+    check each record they show (the report). Raises NoInputRecorded when run.json names no
+    input; the reader's InputError, ImportError (a reader's optional dependency) and OSError pass
+    through.
+    """
+    spec = record.input
+    if spec is None or not spec.path:
+        raise NoInputRecorded("run.json records no input path")
+    from visa.readers import open_input
+
+    source = open_input(spec.path)
+    changed = spec.fingerprint is not None and spec.fingerprint != source.fingerprint()
+    return source, changed

@@ -1,0 +1,189 @@
+"""Selection over a finished run folder: read the scores, fuse, run the stages, write the outputs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from visa.families import IM, PT, VISUAL_FAMILIES, families_from_agents, families_from_columns
+from visa.fusion import FusionError, fuse_scores, image_codes
+from visa.run_folder import NoInputRecorded, RunFolder, RunFolderError, RunRecord, reopen_input
+from visa.selection.export import DATASET_NAME, llamafactory_entry, write_selection_table, write_subset
+from visa.selection.options import SelectionError, SelectionOptions, resolve_options
+from visa.selection.stages import TEXT_HASH, select_table
+
+if TYPE_CHECKING:
+    from visa.readers import Input
+
+
+@dataclass
+class SelectionResult:
+    """What :func:`select` produced. ``summary`` is what went into run.json under ``selection``."""
+
+    table: pa.Table
+    summary: dict[str, Any]
+    shapley: dict[str, Any]
+    selected_rows: np.ndarray
+    selection_path: Path | None = None
+    subset_path: Path | None = None
+    dataset_info_path: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def read_run(run_dir: Path | str) -> RunRecord:
+    """``RUN_DIR/run.json`` as a :class:`~visa.run_folder.RunRecord`, or a SelectionError saying
+    what is wrong with it."""
+    try:
+        return RunFolder(run_dir).read_record()
+    except RunFolderError as err:
+        raise SelectionError(str(err)) from None
+
+
+def run_families(run: RunRecord, schema: pa.Schema) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Score families (agent columns present in the table) and their units, from run.json's agents.
+
+    Falls back to the column names (``<family>.<agent>``) when run.json lists no agents.
+    """
+    numeric = {f.name: pa.types.is_floating(f.type) or pa.types.is_integer(f.type) for f in schema}
+    if run.agents:
+        families, units = families_from_agents(run.agent_dicts(), numeric)
+        return families, {f: u for f, u in units.items() if f in families}
+    return families_from_columns(numeric.items()), {}
+
+
+def _read_scores(
+    folder: RunFolder, run: RunRecord, options: SelectionOptions
+) -> tuple[pa.Table, dict[str, list[str]], dict[str, str]]:
+    try:
+        path = folder.require_scores()
+        schema = pq.read_schema(path)
+    except RunFolderError as err:
+        raise SelectionError(str(err)) from None
+    except (OSError, pa.ArrowException) as err:
+        raise SelectionError(f"{folder.scores} is not a readable Parquet file: {err}") from None
+    families, units = run_families(run, schema)
+    wanted = ["row", "sample_id", "image_key", "error_kind", TEXT_HASH]
+    if options.quota_field:
+        wanted.append(options.quota_field)
+    for agents in families.values():
+        wanted.extend(agents)
+    # families with no agent columns but an already fused column (a table fused elsewhere)
+    wanted.extend(f for f in (*VISUAL_FAMILIES, IM, PT) if f not in families)
+    columns = list(dict.fromkeys(c for c in wanted if c in schema.names))
+    table = pq.read_table(path, columns=columns, memory_map=True)
+    return table, families, units
+
+
+def open_source(run: RunRecord) -> Input:
+    """The run's input, checked to be unchanged since scoring and writable in its format.
+
+    Rows are positions in the input, so copying records from an input rewritten after scoring
+    would copy the wrong ones: a fingerprint that differs from run.json's is an error.
+    """
+    from visa.readers import InputError
+
+    try:
+        source, changed = reopen_input(run)
+        if changed:
+            raise SelectionError(
+                f"the input {run.input.path} changed since it was scored (fingerprint differs); "
+                "re-score it, or select without writing records"
+            )
+        source.check_writable()
+    except NoInputRecorded:
+        raise SelectionError("run.json has no input.path: cannot write the selected records") from None
+    except InputError as err:
+        raise SelectionError(f"cannot read the input to copy the selected records: {err}") from None
+    except (ImportError, OSError) as err:
+        raise SelectionError(str(err)) from None
+    return source
+
+
+def _write_records(
+    folder: RunFolder, run: RunRecord, source: Input, result: SelectionResult, summary: dict[str, Any]
+) -> None:
+    """The selected records in the input's format and their LLaMA-Factory entry."""
+    result.subset_path = write_subset(source, result.selected_rows, folder.path)
+    summary["outputs"]["records"] = str(result.subset_path)
+    entry, entry_notes = llamafactory_entry(result.subset_path, folder.path)
+    folder.write_json(folder.dataset_info, entry)
+    result.dataset_info_path = folder.dataset_info
+    summary["outputs"]["dataset_info"] = str(folder.dataset_info)
+    image_root = run.input.image_root if run.input is not None else None
+    if image_root and "images" in entry[DATASET_NAME]["columns"]:
+        entry_notes.append(f"image paths are relative to {image_root}: pass it as LLaMA-Factory's media_dir")
+    summary["notes"].extend(entry_notes)
+
+
+def _timed(timings: dict[str, float], name: str, started: float) -> None:
+    timings[name] = time.perf_counter() - started
+
+
+def select(
+    run_dir: Path | str,
+    options: SelectionOptions | None = None,
+    *,
+    write_records: bool = True,
+    update_run: bool = True,
+) -> SelectionResult:
+    """Select from a finished run: fuse, run the two stages, write the outputs into ``run_dir``.
+
+    Reads only ``scores.parquet`` and ``run.json`` (plus the input when ``write_records`` copies
+    the selected records). Writes ``selection.parquet``; with ``write_records`` the selected
+    records in the input's format and ``dataset_info.json``; with ``update_run`` merges
+    ``shapley`` and ``selection`` into run.json. Raises SelectionError for a bad run folder or options.
+    """
+    folder = RunFolder(run_dir)
+    run = read_run(run_dir)
+    options = options or resolve_options(run)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    table, families, units = _read_scores(folder, run, options)
+    source = open_source(run) if write_records else None  # fail before writing when it cannot be copied
+    _timed(timings, "read", started)
+
+    t = time.perf_counter()
+    codes = image_codes(table) if "image_key" in table.column_names else None
+    _timed(timings, "image_keys", t)
+
+    t = time.perf_counter()
+    try:
+        table, shapley = fuse_scores(
+            table, families, units=units, calibration_size=options.calibration_size, seed=options.seed,
+            permutations=options.permutations, codes=codes,
+        )
+    except FusionError as err:
+        raise SelectionError(str(err)) from None
+    _timed(timings, "fusion", t)
+
+    t = time.perf_counter()
+    selection, summary = select_table(table, options, units=units, shapley=shapley, codes=codes)
+    _timed(timings, "selection", t)
+
+    t = time.perf_counter()
+    write_selection_table(selection, folder.selection)
+    _timed(timings, "write_selection", t)
+    chosen = np.asarray(selection.column("selected").to_numpy(zero_copy_only=False), dtype=bool)
+    selected_rows = np.sort(np.asarray(selection.column("row").to_numpy(), dtype=np.int64)[chosen])
+    summary["outputs"] = {"selection": str(folder.selection)}
+
+    result = SelectionResult(selection, summary, shapley, selected_rows, selection_path=folder.selection)
+    if source is not None:
+        t = time.perf_counter()
+        _write_records(folder, run, source, result, summary)
+        _timed(timings, "write_records", t)
+    if update_run:
+        record = read_run(run_dir)
+        record.shapley = shapley
+        record.selection = summary
+        folder.write_record(record)
+    _timed(timings, "total", started)
+    result.timings = timings
+    return result
+

@@ -1,0 +1,457 @@
+"""The selection stages over a fused score table: one function per stage over a small :class:`State`.
+
+:func:`select_table` runs them in the order the package docstring describes (errors, image cut,
+text-only, IM, PT tail, ranking, duplicates, budget and quotas). A stage only marks rows: a row's
+``reason`` is set once, by the first stage that removes it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from visa.families import IM, PT, default_unit
+from visa.fusion import image_codes, renormalised_sum, score_families, unique_image_rows, weighted_raw
+from visa.selection.options import SelectionError, SelectionOptions
+from visa.selection.ranks import codes as value_codes
+from visa.selection.ranks import descending, half_up, percentile_ranks, rank_within_groups, top
+
+REASONS = (
+    "error",
+    "text_only",
+    "image_below_cut",
+    "im_nonpositive",
+    "pt_tail",
+    "duplicate",
+    "quota",
+    "budget",
+)
+CODE = {name: i + 1 for i, name in enumerate(REASONS)}
+#: The score table column that holds a hash of each sample's conversation (for dedupe).
+TEXT_HASH = "text_hash"
+
+
+@dataclass
+class State:
+    """What the stages share: the table's row facts, each row's reason, and what stages computed."""
+
+    table: pa.Table
+    options: SelectionOptions
+    units: dict[str, str]
+    shapley: Mapping[str, Any] | None
+    names: set[str]
+    rows: np.ndarray
+    valid: np.ndarray
+    codes: np.ndarray
+    reason: np.ndarray
+    notes: list[str] = field(default_factory=list)
+    visual_weights: dict[str, float] = field(default_factory=dict)
+    visual_row: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    n_images: int = 0
+    kept_images: int = 0
+    instruction: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    ranked_by_instruction: bool = False
+    pt_cut: float | None = None
+    ranked: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    chosen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    budget: int | None = None
+    quota_report: dict[str, Any] | None = None
+
+    @property
+    def n(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def has_image(self) -> np.ndarray:
+        return self.codes >= 0
+
+    def fused(self, family: str) -> np.ndarray | None:
+        """The family's fused column as float64 (NaN = null), None when the table has none."""
+        if family not in self.names:
+            return None
+        return np.asarray(self.table.column(family).cast(pa.float64()).to_numpy(), dtype=np.float64)
+
+    def drop(self, mask: np.ndarray, reason: str) -> None:
+        """Give ``reason`` to the rows of ``mask`` that no earlier stage removed."""
+        self.reason[mask & (self.reason == 0)] = CODE[reason]
+
+
+def initial_state(
+    table: pa.Table,
+    options: SelectionOptions,
+    units: Mapping[str, str] | None,
+    shapley: Mapping[str, Any] | None,
+    codes: np.ndarray | None,
+) -> State:
+    """The state before any stage: rows with an ``error_kind`` already carry ``error``."""
+    n = table.num_rows
+    names = set(table.column_names)
+    for required in ("row", "sample_id"):
+        if required not in names:
+            raise SelectionError(f"the score table has no '{required}' column")
+    rows = np.asarray(table.column("row").cast(pa.int64()).to_numpy(), dtype=np.int64)
+    error = (
+        np.asarray(pc.is_valid(table.column("error_kind")).to_numpy(zero_copy_only=False), dtype=bool)
+        if "error_kind" in names
+        else np.zeros(n, dtype=bool)
+    )
+    if codes is None:
+        codes = image_codes(table) if "image_key" in names else np.full(n, -1, dtype=np.int64)
+    reason = np.zeros(n, dtype=np.int8)
+    reason[error] = CODE["error"]
+    return State(
+        table=table, options=options, units=dict(units or {}), shapley=shapley, names=names, rows=rows,
+        valid=~error, codes=codes, reason=reason, visual_row=np.full(n, np.nan),
+        instruction=np.full(n, np.nan),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: images
+# ---------------------------------------------------------------------------------------------
+def _visual_weights(state: State) -> dict[str, float]:
+    """The requested visual families present in the table, with their weights (> 0)."""
+    requested = state.options.weights()
+    weights = {f: float(w) for f, w in requested.items() if w > 0 and f in state.names}
+    absent = [f for f, w in requested.items() if w > 0 and f not in state.names]
+    if absent:
+        state.notes.append(f"visual families not in the scores, skipped: {', '.join(absent)}")
+    sample_level = [f for f in weights if state.units.get(f, default_unit(f)) != "image"]
+    if sample_level:
+        raise SelectionError(
+            f"visual score families must be image-level; {', '.join(sample_level)} are scored per sample"
+        )
+    return weights
+
+
+def image_stage(state: State) -> None:
+    """Keep the top ``image_keep`` fraction of unique images by visual score; drop the rest."""
+    state.visual_weights = _visual_weights(state)
+    image_rows = unique_image_rows(state.table, state.valid, state.codes)
+    state.n_images = state.kept_images = int(image_rows.size)
+    if not state.visual_weights:
+        state.notes.append("no visual score family: the image stage is skipped")
+        return
+    if not state.n_images:
+        return
+    visual_image = renormalised_sum(
+        [percentile_ranks(state.fused(family)[image_rows]) for family in state.visual_weights],
+        list(state.visual_weights.values()),
+    )
+    codes, has_image = state.codes, state.has_image
+    n_codes = int(codes.max()) + 1
+    by_code = np.full(n_codes, np.nan)
+    by_code[codes[image_rows]] = visual_image
+    state.visual_row[has_image] = by_code[codes[has_image]]
+    state.kept_images = half_up(state.options.image_keep * state.n_images)
+    keep_code = np.zeros(n_codes, dtype=bool)
+    keep_code[codes[image_rows[top(visual_image, state.rows[image_rows], state.kept_images)]]] = True
+    state.drop(state.valid & has_image & ~keep_code[np.maximum(codes, 0)], "image_below_cut")
+
+
+def text_only_stage(state: State) -> None:
+    """With ``text_only="drop"``, drop the samples without an image."""
+    if state.options.text_only == "drop":
+        state.drop(state.valid & ~state.has_image, "text_only")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: instructions
+# ---------------------------------------------------------------------------------------------
+def raw_im(table: pa.Table, shapley: Mapping[str, Any] | None) -> np.ndarray:
+    """IM in the agents' own unit: Shapley-weighted mean of the raw IM agents (equal weights when
+    no fusion report is given; the fused column itself when there are no agent columns)."""
+    report = (shapley or {}).get(IM)
+    if report is None:
+        agents = score_families(table.schema).get(IM, [])
+        if not agents:
+            return np.asarray(table.column(IM).cast(pa.float64()).to_numpy(), dtype=np.float64)
+        report = {"weights": {a: 1.0 for a in agents}}
+    return weighted_raw(table, report)
+
+
+def im_stage(state: State) -> None:
+    """Drop samples whose raw IM is ``<= im_min`` (a null IM is not dropped)."""
+    if IM not in state.names:
+        state.notes.append("no IM scores: the IM filter is skipped and samples are ranked by visual score")
+        return
+    if state.options.im_min is not None:
+        state.drop(raw_im(state.table, state.shapley) <= state.options.im_min, "im_nonpositive")
+
+
+def pt_tail_stage(state: State) -> None:
+    """Drop the ``pt_tail`` fraction of error-free rows with the highest fused PT (the garbled tail)."""
+    if state.options.pt_tail <= 0:
+        return
+    pt = state.fused(PT)
+    if pt is None:
+        state.notes.append("no PT scores: the PT tail filter is skipped")
+        return
+    scored = np.flatnonzero(state.valid & ~np.isnan(pt))
+    k = half_up(state.options.pt_tail * scored.size)
+    if k:
+        tail = scored[top(pt[scored], state.rows[scored], k)]
+        state.pt_cut = float(pt[tail].min())
+        hit = np.zeros(state.n, dtype=bool)
+        hit[tail] = True
+        state.drop(hit, "pt_tail")
+
+
+def rank_stage(state: State) -> None:
+    """Rank the survivors by instruction score (IM / PT percentiles), else by visual score."""
+    options, valid = state.options, state.valid
+    im, pt = state.fused(IM), state.fused(PT)
+    parts = []
+    if im is not None and options.pt_blend < 1:
+        parts.append((1.0 - options.pt_blend, percentile_ranks(np.where(valid, im, np.nan))))
+    if pt is not None and options.pt_blend > 0:
+        parts.append((options.pt_blend, percentile_ranks(np.where(valid, pt, np.nan))))
+    if parts:
+        state.instruction = renormalised_sum([p for _, p in parts], [w for w, _ in parts])
+        state.ranked_by_instruction = True
+    primary = state.instruction if parts else state.visual_row
+    alive = np.flatnonzero(state.reason == 0)
+    state.ranked = alive[descending(primary[alive], state.rows[alive])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Duplicates
+# ---------------------------------------------------------------------------------------------
+def dedupe_stage(state: State) -> None:
+    """Drop a survivor whose image set and conversation repeat a better-ranked one."""
+    if not state.options.dedupe:
+        return
+    if TEXT_HASH not in state.names:
+        state.notes.append(f"dedupe skipped: the score table has no '{TEXT_HASH}' column")
+        return
+    ranked = state.ranked
+    text_codes, text_values = value_codes(state.table.column(TEXT_HASH).take(pa.array(ranked)))
+    null_code = len(text_values) - 1 if text_values and text_values[-1] is None else -1
+    hashed = text_codes != null_code  # a sample without a text hash is never a duplicate
+    key = (state.codes[ranked] + 1) * (len(text_values) + 1) + text_codes
+    _, first = np.unique(key[hashed], return_index=True)
+    duplicate = hashed.copy()
+    duplicate[np.flatnonzero(hashed)[first]] = False
+    state.reason[ranked[duplicate]] = CODE["duplicate"]
+    state.ranked = ranked[~duplicate]
+
+
+def max_per_image_stage(state: State) -> None:
+    """With ``max_per_image = k``, drop the survivors ranked below the k best on the same image."""
+    ranked = state.ranked
+    if state.options.max_per_image is None or not ranked.size:
+        return
+    image = state.codes[ranked]
+    over = (rank_within_groups(image) >= state.options.max_per_image) & (image >= 0)
+    state.reason[ranked[over]] = CODE["duplicate"]
+    state.ranked = ranked[~over]
+
+
+# ---------------------------------------------------------------------------------------------
+# Budget and quotas
+# ---------------------------------------------------------------------------------------------
+def quota_take(
+    groups: np.ndarray,
+    n_groups: int,
+    pool_counts: np.ndarray,
+    budget: int,
+    options: SelectionOptions,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Which of the ranked survivors (best first, group code per survivor) fill the budget.
+
+    Every group first gets its ``quota_min`` best survivors (protected). Then:
+
+    * ``proportional``: a group's target is its share of the error-free pool times the budget
+      (largest-remainder rounding), capped at what survived; survivors within their group's target
+      come next, and slots that short groups leave free go to the best remaining survivors of any
+      group, so the budget is filled whenever enough survivors exist.
+    * ``capped``: survivors are taken in rank order, but no group takes more than
+      ``max(quota_min, ceil(quota_max_share * budget))``; the cap is hard, so the budget may be
+      under-filled when few groups survive.
+
+    When the protected survivors alone exceed the budget, the best-ranked of them are taken.
+    Returns a boolean mask over the survivors and the per-group targets/caps.
+    """
+    pos = np.arange(groups.size)
+    within = rank_within_groups(groups)
+    protected = within < options.quota_min
+    available = np.bincount(groups, minlength=n_groups)
+    if options.quota_mode == "proportional":
+        total = pool_counts.sum()
+        exact = budget * pool_counts / total if total else np.zeros(n_groups)
+        target = np.floor(exact).astype(np.int64)
+        short = budget - int(target.sum())
+        if short > 0:
+            by_remainder = np.lexsort((np.arange(n_groups), -(exact - target)))
+            target[by_remainder[:short]] += 1
+        tier = np.where(protected, 0, np.where(within < np.minimum(target, available)[groups], 1, 2))
+        allowed = np.ones(groups.size, dtype=bool)
+        limits = {"target": target}
+    else:
+        cap = max(options.quota_min, math.ceil(options.quota_max_share * budget))
+        tier = np.where(protected, 0, 1)
+        allowed = within < cap
+        limits = {"cap": np.full(n_groups, cap)}
+    candidates = np.flatnonzero(allowed)
+    order = candidates[np.lexsort((pos[candidates], tier[candidates]))]
+    take = np.zeros(groups.size, dtype=bool)
+    take[order[:budget]] = True
+    return take, limits
+
+
+def _label(value: Any) -> str:
+    return "<null>" if value is None else str(value)
+
+
+def _quota_groups(state: State) -> tuple[np.ndarray, list[Any]]:
+    """Group codes of the quota field, or a SelectionError naming what is wrong with it."""
+    name = state.options.quota_field
+    if name not in state.names:
+        from visa.registry import did_you_mean
+
+        raise SelectionError(
+            f"quota field '{name}' is not a column of the score table"
+            f"{did_you_mean(name, [c for c in state.names if c.startswith('meta.')])}"
+        )
+    try:
+        return value_codes(state.table.column(name))
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+        raise SelectionError(f"quota field '{name}' must be a column of scalar values") from None
+
+
+def _quota_stage(state: State, budget: int) -> None:
+    ranked = state.ranked
+    group_codes, group_values = _quota_groups(state)
+    n_groups = len(group_values)
+    pool_counts = np.bincount(group_codes[state.valid], minlength=n_groups)
+    take, limits = quota_take(group_codes[ranked], n_groups, pool_counts, budget, state.options)
+    state.chosen = ranked[take]
+    lost = ~take
+    beyond = np.arange(ranked.size) >= budget
+    state.reason[ranked[lost & ~beyond]] = CODE["quota"]
+    state.reason[ranked[lost & beyond]] = CODE["budget"]
+    selected_per_group = np.bincount(group_codes[state.chosen], minlength=n_groups)
+    survived = np.bincount(group_codes[ranked], minlength=n_groups)
+    limit_name, limit = next(iter(limits.items()))
+    state.quota_report = {
+        "field": state.options.quota_field,
+        "mode": state.options.quota_mode,
+        "groups": {
+            _label(group_values[g]): {
+                "pool": int(pool_counts[g]),
+                "survived_filters": int(survived[g]),
+                limit_name: int(limit[g]),
+                "selected": int(selected_per_group[g]),
+            }
+            for g in range(n_groups)
+        },
+    }
+
+
+def budget_stage(state: State) -> None:
+    """Take the first ``budget`` survivors (shared between quota groups with ``quota_field``)."""
+    state.budget = budget = state.options.budget_rows(state.n)
+    if budget is None:
+        state.chosen = state.ranked
+    elif state.options.quota_field is None:
+        state.chosen = state.ranked[:budget]
+        state.reason[state.ranked[budget:]] = CODE["budget"]
+    else:
+        _quota_stage(state, budget)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+def selection_table(state: State) -> pa.Table:
+    """One row per input row, in table order: selected, rank (1 = best), scores and reason."""
+    n = state.n
+    selected = np.zeros(n, dtype=bool)
+    selected[state.chosen] = True
+    rank = np.zeros(n, dtype=np.int64)
+    rank[state.chosen] = np.arange(1, state.chosen.size + 1)  # ``chosen`` is in rank order: 1 = best
+    reason_names = pa.array(REASONS, pa.string())
+    reason_index = pa.array(state.reason.astype(np.int32) - 1, mask=selected)
+    visual, instruction = state.visual_row, state.instruction
+    return pa.table(
+        {
+            "row": pa.array(state.rows, pa.int64()),
+            "sample_id": state.table.column("sample_id").cast(pa.string()),
+            "selected": pa.array(selected),
+            "rank": pa.array(rank, pa.int64(), mask=~selected),
+            "visual_score": pa.array(visual, pa.float64(), mask=np.isnan(visual)),
+            "instruction_score": pa.array(instruction, pa.float64(), mask=np.isnan(instruction)),
+            "reason": pc.take(reason_names, reason_index),
+        }
+    )
+
+
+def summary(state: State) -> dict[str, Any]:
+    """What went into run.json under ``selection`` (the outputs are added by the caller)."""
+    counts = np.bincount(state.reason, minlength=len(REASONS) + 1)
+    selected = int(state.chosen.size)
+    ranked_by = "instruction_score" if state.ranked_by_instruction else (
+        "visual_score" if state.visual_weights else "row"
+    )
+    out: dict[str, Any] = {
+        "pool": state.n,
+        "budget": state.options.budget,
+        "budget_rows": state.budget,
+        "selected": selected,
+        "dropped": {name: int(counts[CODE[name]]) for name in REASONS},
+        "images": {
+            "unique": state.n_images,
+            "kept": state.kept_images if state.visual_weights else state.n_images,
+        },
+        "text_only_rows": int((state.valid & ~state.has_image).sum()),
+        "visual_weights": state.visual_weights,
+        "ranked_by": ranked_by,
+        "pt_cut": state.pt_cut,
+        "options": state.options.model_dump(mode="json"),
+    }
+    if state.budget is not None and selected < state.budget:
+        state.notes.append(f"budget under-filled: {selected} of {state.budget} (not enough samples passed)")
+    if state.quota_report is not None:
+        out["quota"] = state.quota_report
+    out["notes"] = state.notes
+    return out
+
+
+#: The stages in the order they run.
+STAGES = (
+    image_stage,
+    text_only_stage,
+    im_stage,
+    pt_tail_stage,
+    rank_stage,
+    dedupe_stage,
+    max_per_image_stage,
+    budget_stage,
+)
+
+
+def select_table(
+    table: pa.Table,
+    options: SelectionOptions,
+    *,
+    units: Mapping[str, str] | None = None,
+    shapley: Mapping[str, Any] | None = None,
+    codes: np.ndarray | None = None,
+) -> tuple[pa.Table, dict[str, Any]]:
+    """Run the selection stages over a score table that already has fused family columns.
+
+    ``units`` maps families to "image"/"sample" (default: each family's unit in
+    :mod:`visa.families`); ``shapley`` is the fusion report (its IM weights turn the raw IM agents
+    into the value ``im_min`` applies to); ``codes`` are the table's image codes when the caller
+    has them. Returns the selection table (one row per input row, in table order) and the summary.
+    """
+    state = initial_state(table, options, units, shapley, codes)
+    for stage in STAGES:
+        stage(state)
+    return selection_table(state), summary(state)
