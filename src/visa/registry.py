@@ -13,6 +13,8 @@ AGENTS: dict[str, str] = {
     "felzenszwalb": "visa.agents.felzenszwalb:FelzenszwalbAgent",
     "ocr_text": "visa.agents.ocr_text:OcrTextAgent",
     "tagger": "visa.agents.tagger:TaggerAgent",
+    "label_entropy": "visa.agents.label_entropy:LabelEntropyAgent",
+    "jpeg_bits": "visa.agents.jpeg_bits:JpegBitsAgent",
     "perplexity": "visa.agents.answer_likelihood:PriorTokenPerplexityAgent",
     "mutual_information": "visa.agents.answer_likelihood:MutualInformationAgent",
     "evidence_likelihood": "visa.agents.answer_likelihood:EvidenceLikelihoodAgent",

@@ -1,0 +1,125 @@
+"""Probe ladders and the vocabulary-free visual information agents, on the bundled real photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from visa.agents.base import ImageItem
+from visa.agents.jpeg_bits import JpegBitsAgent
+from visa.probes.ladder import (
+    IMAGE_LADDER,
+    answer_vocabulary,
+    degrade,
+    other_index,
+    replace_answers,
+    shuffle_answers,
+)
+from visa.probes.value import concordance, ladder_pairs
+from visa.samples import Turn
+
+IMAGES = Path(__file__).resolve().parent.parent / "examples" / "images"
+PHOTOS = sorted(p for p in IMAGES.iterdir() if p.suffix in {".jpg", ".png"})
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, Image.Image]:
+    assert len(PHOTOS) >= 15
+    out = {}
+    for p in PHOTOS:
+        with Image.open(p) as im:
+            image = im.convert("RGB")
+        image.thumbnail((384, 384))  # keeps the tests fast; the ladder is relative to the image
+        out[p.stem] = image
+    return out
+
+
+def _ladder_rows(photos: dict[str, Image.Image]) -> tuple[list[Image.Image], list[str], list[int], list[str]]:
+    images, ladders, tiers, chains = [], [], [], []
+    for name, image in photos.items():
+        for rung in IMAGE_LADDER:
+            images.append(degrade(image, rung.kind, name))
+            ladders.append(name)
+            tiers.append(rung.tier)
+            chains.append(rung.chain)
+    return images, ladders, tiers, chains
+
+
+def test_degradations_do_what_they_say(photos: dict[str, Image.Image]) -> None:
+    image = photos["astronaut"]
+    w, h = image.size
+    half = degrade(image, "crop_half")
+    assert abs(half.width * half.height / (w * h) - 0.5) < 0.02
+    quarter = degrade(image, "crop_quarter")
+    assert abs(quarter.width * quarter.height / (w * h) - 0.25) < 0.02
+    for kind in ("downscale", "downscale_tiny", "blur", "jpeg", "flat", "noise"):
+        assert degrade(image, kind, "k").size == (w, h)
+    flat = np.asarray(degrade(image, "flat"))
+    assert flat.std(axis=(0, 1)).max() == 0
+    noise_a, noise_b = np.asarray(degrade(image, "noise", "a")), np.asarray(degrade(image, "noise", "b"))
+    assert not np.array_equal(noise_a, noise_b)
+    assert np.array_equal(noise_a, np.asarray(degrade(image, "noise", "a")))  # seeded by the key
+    tiny = np.asarray(degrade(image, "downscale_tiny"), dtype=float)
+    assert np.abs(np.diff(tiny, axis=1)).mean() < np.abs(np.diff(np.asarray(image, dtype=float), axis=1)).mean()
+    with pytest.raises(ValueError):
+        degrade(image, "sepia")
+
+
+def test_text_probes() -> None:
+    turns = (Turn("user", "What is on the table?"), Turn("assistant", "A red cup of coffee on a saucer."))
+    shuffled = shuffle_answers(turns, seed=1)
+    assert shuffled[0] == turns[0]
+    assert sorted(shuffled[1].text.split()) == sorted(turns[1].text.split())
+    assert shuffled[1].text != turns[1].text
+    vocabulary = answer_vocabulary([turns, (Turn("user", "q"), Turn("assistant", "zebra stripes"))])
+    replaced = replace_answers(turns, vocabulary, seed=2)
+    assert len(replaced[1].text.split()) == len(turns[1].text.split())
+    assert set(replaced[1].text.split()) <= set(vocabulary)
+    assert replaced[0] == turns[0]
+
+
+def test_other_index_never_the_same_image() -> None:
+    keys = ["a", "a", "b", "c"]
+    for position in range(4):
+        other = other_index(position, keys, seed=3)
+        assert other is not None and keys[other] != keys[position]
+    assert other_index(0, ["a", "a"], seed=0) is None
+
+
+def test_jpeg_bits_orders_the_ladder(photos: dict[str, Image.Image]) -> None:
+    images, ladders, tiers, chains = _ladder_rows(photos)
+    agent = JpegBitsAgent()
+    results = agent.score_batch([ImageItem(str(i), im) for i, im in enumerate(images)])
+    score = np.array([r["score"] for r in results])
+    bpp = np.array([r["bits_per_pixel"] for r in results])
+    kinds = [r.kind for _ in photos for r in IMAGE_LADDER]
+    original = score[[k == "original" for k in kinds]]
+    for kind in ("downscale_tiny", "blur", "flat", "noise"):
+        degraded = score[[k == kind for k in kinds]]
+        assert (original[:, None] > degraded[None, :]).mean() >= 0.95, kind
+    # two-sided: pure noise costs the most bits but scores low
+    assert bpp[[k == "noise" for k in kinds]].min() > bpp[[k == "original" for k in kinds]].max()
+    pairs = ladder_pairs(ladders, tiers, chains)
+    assert concordance(score, pairs) > 0.8
+    assert concordance(bpp, pairs) < concordance(score, pairs)  # one-sided is fooled by noise
+
+
+def test_label_entropy_separates_information_poor_images(photos: dict[str, Image.Image]) -> None:
+    pytest.importorskip("torch")
+    from visa.agents.label_entropy import LabelEntropyAgent
+
+    agent = LabelEntropyAgent()
+    agent.setup()
+    names = list(photos)
+    rows = {kind: [degrade(photos[n], kind, n) for n in names] for kind in ("original", "flat", "noise", "blur")}
+    scores = {
+        kind: np.array([r["score"] for r in agent.score_batch([ImageItem(str(i), im) for i, im in enumerate(ims)])])
+        for kind, ims in rows.items()
+    }
+    for kind in ("flat", "noise"):
+        assert (scores["original"][:, None] > scores[kind][None, :]).mean() >= 0.9, kind
+    assert scores["original"].mean() > scores["blur"].mean()
+    assert np.all(scores["original"] <= 0) and np.all(scores["original"] >= -np.log(1000) - 1e-6)
