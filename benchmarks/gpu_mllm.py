@@ -33,9 +33,9 @@ import numpy as np
 from PIL import Image
 
 from visa.backends.base import AnswerLogprobsRequest, AnswerLogprobsResult, GenerateRequest, Message
-from visa.backends.families import random_checkpoint
 from visa.backends.transformers_vlm import TransformersVLMBackend
 from visa.samples import Turn
+from visa.testing import random_checkpoint
 
 IMAGE_SIZES = [(640, 480), (800, 600), (1024, 768), (512, 512), (480, 640), (1280, 720)]
 WORDS = ["the", "a", "red", "blue", "small", "large", "cat", "dog", "table", "chart", "shows", "value"]

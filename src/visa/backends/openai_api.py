@@ -50,6 +50,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field, field_validator
 
+from visa.backends.architectures import check_teacher_forced, clean_text, first_user_index, fit_pixels
 from visa.backends.base import (
     AnswerLogprobsRequest,
     AnswerLogprobsResult,
@@ -58,7 +59,6 @@ from visa.backends.base import (
     GenerateResult,
 )
 from visa.backends.chat_spans import SpanError, token_indices
-from visa.backends.families import check_teacher_forced, clean_text, first_user_index, fit_pixels
 from visa.backends.registry import BackendParams
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -73,7 +73,10 @@ class APIError(RuntimeError):
 
 
 class OpenAIBackend(Backend):
-    """Client of an OpenAI-compatible server (see the module docstring for the protocol)."""
+    """Client of an OpenAI-compatible server (see the module docstring for the protocol).
+
+    Sees images (image content parts); holds no local GPU (the server does).
+    """
 
     class Params(BackendParams):
         base_url: str = Field(description="e.g. http://localhost:8000/v1")
@@ -98,6 +101,10 @@ class OpenAIBackend(Backend):
             if not value.startswith(("http://", "https://")):
                 raise ValueError("base_url must start with http:// or https://")
             return value.rstrip("/")
+
+    @classmethod
+    def endpoints(cls, params: Params) -> list[tuple[str, str]]:
+        return [(params.base_url, params.model)]
 
     def __init__(self, params: Params):
         self.params = params

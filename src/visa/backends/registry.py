@@ -7,7 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from visa.backends.base import Backend
+from visa.backends.base import Backend, Capabilities
+from visa.deps import available, install_hint
+from visa.samples import stable_hash
 
 BACKENDS: dict[str, str] = {
     "transformers": "visa.backends.transformers_vlm:TransformersVLMBackend",
@@ -27,12 +29,10 @@ BACKEND_REQUIRES: dict[str, tuple[str, str]] = {
 
 def missing_backend(kind: str) -> str | None:
     """An install hint when the backend's library is not importable here, else None."""
-    import importlib.util
-
     module, extra = BACKEND_REQUIRES.get(kind, (None, None))
-    if module is None or importlib.util.find_spec(module) is not None:
+    if module is None or extra is None or available(module):
         return None
-    return f"{module} (pip install 'visa[{extra}]')"
+    return install_hint(module, extra)
 
 
 class BackendParams(BaseModel):
@@ -61,6 +61,21 @@ class BackendSpec(BaseModel):
         backend_class(self.type).Params(**self.params)  # type: ignore[attr-defined]
         return self
 
+    def validated_params(self) -> BackendParams:
+        """The backend's ``Params``, defaults filled in."""
+        return backend_class(self.type).Params(**self.params)  # type: ignore[attr-defined]
+
+    def capabilities(self) -> Capabilities:
+        """What the backend this spec names can do (sees images, GPUs per engine); loads nothing."""
+        return backend_class(self.type).capabilities(self.validated_params())
+
+    def engine_key(self) -> str:
+        """Identity of the engine this spec loads: type and every parameter, defaults filled in.
+
+        Two specs with the same key share one engine in a process (:mod:`visa.backends.shared`).
+        """
+        return f"{self.type}:" + stable_hash(self.validated_params().model_dump(mode="json"))
+
 
 def backend_class(kind: str) -> type[Backend]:
     module, _, cls = BACKENDS[kind].partition(":")
@@ -69,5 +84,4 @@ def backend_class(kind: str) -> type[Backend]:
 
 def build_backend(spec: BackendSpec) -> Backend:
     """Instantiate (cheaply: no model loading) the backend a spec names; params are validated here."""
-    cls = backend_class(spec.type)
-    return cls(cls.Params(**spec.params))  # type: ignore[attr-defined]
+    return backend_class(spec.type)(spec.validated_params())  # type: ignore[call-arg]

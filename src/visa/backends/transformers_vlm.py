@@ -11,7 +11,7 @@ Teacher-forced answer log-probabilities (PT, IM):
    answer span, not the role header, not ``<|im_end|>``.
 3. The processor expands each image placeholder into the image's tokens. Every image precedes the
    first answer, so the answers sit in the tail of the sequence that the expansion leaves alone:
-   :func:`visa.backends.families.align_tail` maps the indices there and checks the tail token by
+   :func:`visa.backends.architectures.align_tail` maps the indices there and checks the tail token by
    token (this works with any transformers version, whatever its processor returns).
 4. One forward pass per batch (right padding by default, so every row keeps the positions it has
    alone; Qwen2-VL's multimodal rotary positions are computed from the attention mask either way).
@@ -35,28 +35,25 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from visa.agents.base import MissingDependency
-from visa.backends.base import (
-    AnswerLogprobsRequest,
-    AnswerLogprobsResult,
-    Backend,
-    GenerateRequest,
-    GenerateResult,
-)
-from visa.backends.chat_spans import render_with_spans
-from visa.backends.families import (
+from visa.backends.architectures import (
     Family,
     align_tail,
-    answer_tokens,
-    chat_messages,
-    check_teacher_forced,
-    first_user_index,
-    fit_pixels,
     load_processor,
     model_type_of,
     resolve_family,
 )
+from visa.backends.base import (
+    AnswerLogprobsRequest,
+    AnswerLogprobsResult,
+    Backend,
+    Capabilities,
+    GenerateRequest,
+    GenerateResult,
+)
+from visa.backends.batching import run_isolated
+from visa.backends.prompts import ChatPrompt, build_generate_prompt, build_logprobs_prompt, image_placeholders
 from visa.backends.registry import BackendParams
+from visa.deps import MissingDependency
 
 #: Rows of hidden states projected through the LM head at once (bounds the float32 logits buffer).
 _HEAD_CHUNK = 1024
@@ -77,6 +74,18 @@ class _Prepared:
     answers: list[list[int]] | None = None
     max_new_tokens: int = 0
 
+    @classmethod
+    def of(cls, index: int, prompt: ChatPrompt, max_new_tokens: int = 0) -> _Prepared:
+        teacher_forced = bool(prompt.token_ids)  # generation prompts are not tokenised here
+        return cls(
+            index,
+            prompt.prompt,
+            list(prompt.images),
+            token_ids=list(prompt.token_ids) if teacher_forced else None,
+            answers=[list(a) for a in prompt.answers] if teacher_forced else None,
+            max_new_tokens=max_new_tokens,
+        )
+
 
 class TransformersVLMBackend(Backend):
     """A multimodal chat model loaded with transformers (see the module docstring)."""
@@ -84,7 +93,7 @@ class TransformersVLMBackend(Backend):
     class Params(BackendParams):
         model: str = Field(description="hub id or local directory of the checkpoint")
         revision: str | None = None
-        #: ``auto``: from the checkpoint's ``model_type``; else one of :data:`visa.backends.families.FAMILIES`.
+        #: ``auto``: from the checkpoint's ``model_type``; else one of :data:`visa.backends.architectures.FAMILIES`.
         family: str = "auto"
         #: ``auto``: bfloat16 on CUDA, float32 on CPU.
         dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -103,6 +112,15 @@ class TransformersVLMBackend(Backend):
         #: Requests longer than this many tokens fail (None: no limit).
         max_length: int | None = Field(None, ge=1)
         trust_remote_code: bool = False
+
+    @classmethod
+    def capabilities(cls, params: Params) -> Capabilities:
+        """Sees images; one GPU per engine unless it is told to run on the CPU."""
+        return Capabilities(sees_images=True, gpus=0.0 if params.device.startswith("cpu") else 1.0)
+
+    @classmethod
+    def hub_models(cls, params: Params) -> list[tuple[str, str | None]]:
+        return [(params.model, params.revision)]
 
     def __init__(self, params: Params):
         self.params = params
@@ -182,48 +200,27 @@ class TransformersVLMBackend(Backend):
             raise RuntimeError("TransformersVLMBackend.setup() must be called before use")
 
     # -- rendering ------------------------------------------------------------------------------
-    def _placeholders(self) -> tuple[str, ...]:
-        return tuple(
-            token
-            for token in (
-                getattr(self.processor, "image_token", None),
-                getattr(self.processor, "video_token", None),
-            )
-            if token
-        )
-
     def _render(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False, **kwargs)
 
     def _prepare_logprobs(self, index: int, request: AnswerLogprobsRequest) -> _Prepared:
-        roles = [turn.role for turn in request.turns]
-        check_teacher_forced(roles)
-        image_turn = first_user_index(roles) if request.images else -1
-        messages = chat_messages(
-            [
-                (t.role, t.text, len(request.images) if i == image_turn else 0)
-                for i, t in enumerate(request.turns)
-            ],
-            self._placeholders(),
+        prompt = build_logprobs_prompt(
+            request,
+            self._render,
+            self.processor.tokenizer,
+            placeholders=image_placeholders(self.processor),
+            max_image_pixels=self.params.max_image_pixels,
         )
-        rendered = render_with_spans(self._render, messages)
-        token_ids, answers = answer_tokens(rendered.text, rendered.spans_of(roles), self.processor.tokenizer)
-        images = [fit_pixels(image, self.params.max_image_pixels) for image in request.images]
-        return _Prepared(index, rendered.text, images, token_ids=token_ids, answers=answers)
+        return _Prepared.of(index, prompt)
 
     def _prepare_generate(self, index: int, request: GenerateRequest) -> _Prepared:
-        if not request.messages:
-            raise ValueError("a generate request needs at least one message")
-        if request.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        messages = chat_messages(
-            [(m.role, m.text, len(m.images)) for m in request.messages], self._placeholders()
+        prompt = build_generate_prompt(
+            request,
+            self._render,
+            placeholders=image_placeholders(self.processor),
+            max_image_pixels=self.params.max_image_pixels,
         )
-        text = self._render(messages, add_generation_prompt=True)
-        images = [
-            fit_pixels(image, self.params.max_image_pixels) for m in request.messages for image in m.images
-        ]
-        return _Prepared(index, text, images, max_new_tokens=request.max_new_tokens)
+        return _Prepared.of(index, prompt, max_new_tokens=request.max_new_tokens)
 
     def _encode(self, batch: Sequence[_Prepared], padding_side: str) -> Any:
         images = [item.images for item in batch] if batch[0].images else None
@@ -382,22 +379,6 @@ class TransformersVLMBackend(Backend):
         return results
 
 
-def run_isolated(items: list[Any], run_batch: Callable[[list[Any]], list[Any]]) -> list[Any]:
-    """Run a batch; when it fails, run its halves, down to the single failing item.
-
-    Returns one result per item, with the exception in place of the result of an item that fails
-    alone. A batch with one bad request costs about log2(batch) extra runs, not a lost batch.
-    """
-    try:
-        return run_batch(items)
-    except Exception as error:  # noqa: BLE001 - one request's failure must not cost the others
-        _release_cuda_cache()
-        if len(items) == 1:
-            return [error]
-        middle = len(items) // 2
-        return run_isolated(items[:middle], run_batch) + run_isolated(items[middle:], run_batch)
-
-
 def _stop_ids(*values: Any) -> list[int]:
     ids: list[int] = []
     for value in values:
@@ -407,13 +388,3 @@ def _stop_ids(*values: Any) -> list[int]:
             if int(token) not in ids:
                 ids.append(int(token))
     return ids
-
-
-def _release_cuda_cache() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass

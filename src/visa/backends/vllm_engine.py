@@ -22,117 +22,42 @@ for that request, never a silently shifted score.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
 from pydantic import Field
 
-from visa.agents.base import MissingDependency
-from visa.backends.base import (
-    AnswerLogprobsRequest,
-    AnswerLogprobsResult,
-    Backend,
-    GenerateRequest,
-    GenerateResult,
-)
-from visa.backends.chat_spans import render_with_spans
-from visa.backends.families import (
+from visa.backends.architectures import (
     AlignmentError,
     Family,
     align_tail,
-    answer_tokens,
-    chat_messages,
-    check_teacher_forced,
-    first_user_index,
-    fit_pixels,
     load_processor,
     model_type_of,
     resolve_family,
 )
+from visa.backends.base import (
+    AnswerLogprobsRequest,
+    AnswerLogprobsResult,
+    Backend,
+    Capabilities,
+    GenerateRequest,
+    GenerateResult,
+)
+from visa.backends.batching import run_isolated
+from visa.backends.prompts import (
+    ChatPrompt,
+    build_generate_prompt,
+    build_logprobs_prompt,
+    image_placeholders,
+)
 from visa.backends.registry import BackendParams
-from visa.backends.transformers_vlm import run_isolated
+from visa.deps import MissingDependency
 
-Render = Callable[..., str]
+__all__ = ["AlignmentError", "VLLMBackend", "VLLMPrompt", "answer_logprobs_from_output",
+           "build_generate_prompt", "build_logprobs_prompt"]
 
-
-@dataclass(frozen=True, slots=True)
-class VLLMPrompt:
-    """One engine input and, for teacher forcing, where its answers are.
-
-    ``token_ids`` is the local tokenisation of ``prompt`` (image placeholders not expanded);
-    ``answers`` holds, per assistant turn, the indices of its tokens in ``token_ids``.
-    """
-
-    prompt: str
-    images: tuple[Image.Image, ...] = ()
-    token_ids: tuple[int, ...] = ()
-    answers: tuple[tuple[int, ...], ...] = field(default_factory=tuple)
-
-    def engine_input(self) -> dict[str, Any]:
-        """The ``PromptType`` dict vLLM's ``LLM.generate`` takes."""
-        if self.images:
-            return {"prompt": self.prompt, "multi_modal_data": {"image": list(self.images)}}
-        return {"prompt": self.prompt}
-
-
-def _placeholders(processor: Any) -> tuple[str, ...]:
-    return tuple(
-        t for t in (getattr(processor, "image_token", None), getattr(processor, "video_token", None)) if t
-    )
-
-
-def build_logprobs_prompt(
-    request: AnswerLogprobsRequest,
-    render: Render,
-    tokenizer: Any,
-    *,
-    placeholders: Sequence[str] = (),
-    max_image_pixels: int | None = None,
-) -> VLLMPrompt:
-    """The engine input of a teacher-forced request and its answer token indices.
-
-    ``render(messages, **kwargs)`` renders chat-template messages to text (the checkpoint's
-    processor's ``apply_chat_template(..., tokenize=False)``); ``tokenizer`` is a fast tokenizer.
-    """
-    roles = [turn.role for turn in request.turns]
-    check_teacher_forced(roles)
-    image_turn = first_user_index(roles) if request.images else -1
-    messages = chat_messages(
-        [
-            (t.role, t.text, len(request.images) if i == image_turn else 0)
-            for i, t in enumerate(request.turns)
-        ],
-        placeholders,
-    )
-    rendered = render_with_spans(render, messages)
-    token_ids, answers = answer_tokens(rendered.text, rendered.spans_of(roles), tokenizer)
-    return VLLMPrompt(
-        prompt=rendered.text,
-        images=tuple(fit_pixels(image, max_image_pixels) for image in request.images),
-        token_ids=tuple(token_ids),
-        answers=tuple(tuple(t) for t in answers),
-    )
-
-
-def build_generate_prompt(
-    request: GenerateRequest,
-    render: Render,
-    *,
-    placeholders: Sequence[str] = (),
-    max_image_pixels: int | None = None,
-) -> VLLMPrompt:
-    """The engine input of a generation request: the rendered chat with the generation prompt."""
-    if not request.messages:
-        raise ValueError("a generate request needs at least one message")
-    if request.max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be at least 1")
-    messages = chat_messages([(m.role, m.text, len(m.images)) for m in request.messages], placeholders)
-    return VLLMPrompt(
-        prompt=render(messages, add_generation_prompt=True),
-        images=tuple(fit_pixels(image, max_image_pixels) for m in request.messages for image in m.images),
-    )
+#: The engine's input: a rendered prompt with its images (see :mod:`visa.backends.prompts`).
+VLLMPrompt = ChatPrompt
 
 
 def _logprob_value(entry: Any) -> float:
@@ -189,6 +114,15 @@ class VLLMBackend(Backend):
         chunk_size: int = Field(256, ge=1)
         seed: int = 0
         trust_remote_code: bool = False
+
+    @classmethod
+    def capabilities(cls, params: Params) -> Capabilities:
+        """Sees images; one engine spans ``tensor_parallel_size`` GPUs."""
+        return Capabilities(sees_images=True, gpus=float(params.tensor_parallel_size))
+
+    @classmethod
+    def hub_models(cls, params: Params) -> list[tuple[str, str | None]]:
+        return [(params.model, params.revision)]
 
     def __init__(self, params: Params):
         self.params = params
@@ -264,7 +198,7 @@ class VLLMBackend(Backend):
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult | Exception]:
         self._require_setup()
-        placeholders = _placeholders(self.processor)
+        placeholders = image_placeholders(self.processor)
         prompts: list[VLLMPrompt | Exception] = []
         params = []
         for request in requests:
@@ -290,7 +224,7 @@ class VLLMBackend(Backend):
         self, requests: Sequence[AnswerLogprobsRequest]
     ) -> list[AnswerLogprobsResult | Exception]:
         self._require_setup()
-        placeholders = _placeholders(self.processor)
+        placeholders = image_placeholders(self.processor)
         tokenizer = self.processor.tokenizer
         prompts: list[VLLMPrompt | Exception] = []
         for request in requests:

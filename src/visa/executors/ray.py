@@ -36,7 +36,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from visa.agents.base import MissingDependency, Unit
+from visa.agents.base import Unit
+from visa.backends.registry import BackendSpec
+from visa.deps import MissingDependency
 from visa.executors import iter_shards
 from visa.images import ImageLimits, ImageSource
 from visa.pipeline import (
@@ -124,13 +126,19 @@ class Pool:
 
 @dataclass(frozen=True)
 class Placement:
-    """One actor pool of a run: the agents (columns) it runs, in order, and what each actor reserves."""
+    """One actor pool of a run: the agents (columns) it runs, in order, and what each actor reserves.
+
+    ``fixed_cpus`` / ``fixed_gpus``: the value was set by a recipe ``pool:`` or the executor's
+    ``pools`` (it is never shrunk to fit a cluster); otherwise it is the agents' declared default.
+    """
 
     columns: tuple[str, ...]
     size: int | tuple[int, int]
     cpus: float
     gpus: float
     memory_bytes: int | None
+    fixed_cpus: bool = True
+    fixed_gpus: bool = True
 
     @property
     def min_size(self) -> int:
@@ -283,39 +291,26 @@ class RayExecutor:
         self.last_stats: str | None = None
 
     # -- planning -------------------------------------------------------------------------------------
-    def placements(self, recipe: Recipe, planned: Sequence[PlannedAgent] | None = None) -> list[Placement]:
+    def placements(
+        self, recipe: Recipe, planned: Sequence[PlannedAgent] | None = None, *, group_light: bool = False
+    ) -> list[Placement]:
         """The run's actor pools, in pipeline order, with what each actor reserves: the executor's
         ``pools`` over the recipe's ``pool:`` over the agent's declared resources.
 
+        ``group_light``: agents that need no GPU and have no pool settings of their own run in one
+        shared pool (what :meth:`fit` does when the cluster has few CPUs).
         Raises RecipeError when a sample agent needs an agent that would run in a later pool.
         """
         planned = list(planned) if planned is not None else plan_agents(recipe)[0]
         groups: dict[str, list[tuple[PlannedAgent, Pool]]] = {}
         for p in planned:
-            spec = next(a for a in recipe.scores[p.bound.score].agents if a.name == p.bound.name)
-            pool = Pool()
-            for layer in (self.pools.get("*"), Pool.of(getattr(spec, "pool", None)), self.pools.get(p.column)):
-                if layer is not None:
-                    pool = layer.over(pool)
-            groups.setdefault(_group_key(p, pool), []).append((p, pool))
-        out: list[Placement] = []
-        where: dict[str, int] = {}  # fingerprint -> pool position
-        for position, members in enumerate(groups.values()):
-            cpus, gpus, memory = 0.0, 0.0, 0.0
-            for p, pool in members:
-                declared = p.agent.resources()
-                agent_gpus = pool.gpus
-                if agent_gpus is None:
-                    agent_gpus = declared.gpus
-                    if self.gpu_memory_gb and declared.gpu_memory_gb > 0 and 0 < agent_gpus <= 1:
-                        agent_gpus = min(agent_gpus, math.ceil(100 * declared.gpu_memory_gb / self.gpu_memory_gb) / 100)
-                cpus = max(cpus, pool.cpus or declared.cpus)
-                gpus = max(gpus, agent_gpus)
-                memory = max(memory, pool.memory_gb or 0.0)
-                where[p.fingerprint] = position
-            size = next((pool.size for _, pool in members if pool.size is not None), 1)
-            columns = tuple(p.column for p, _ in members)
-            out.append(Placement(columns, size, cpus, gpus, int(memory * 2**30) if memory else None))
+            pool = self._pool_of(recipe, p)
+            key = _group_key(p, pool)
+            if group_light and pool == Pool() and p.agent.resources().gpus == 0:
+                key = "light"
+            groups.setdefault(key, []).append((p, pool))
+        out = [self._placement(members) for members in groups.values()]
+        where = {p.fingerprint: position for position, members in enumerate(groups.values()) for p, _ in members}
         for position, members in enumerate(groups.values()):
             for p, _ in members:
                 for column, (fp, _field) in p.needs.items():
@@ -326,6 +321,60 @@ class RayExecutor:
                             f"{p.column} in a group of its own"
                         )
         return out
+
+    def _pool_of(self, recipe: Recipe, planned: PlannedAgent) -> Pool:
+        """The executor's ``"*"`` pool, under the recipe's ``pool:``, under the executor's pool of the column."""
+        spec = next(a for a in recipe.scores[planned.bound.score].agents if a.name == planned.bound.name)
+        pool = Pool()
+        for layer in (self.pools.get("*"), Pool.of(getattr(spec, "pool", None)), self.pools.get(planned.column)):
+            if layer is not None:
+                pool = layer.over(pool)
+        return pool
+
+    def _placement(self, members: list[tuple[PlannedAgent, Pool]]) -> Placement:
+        """One pool: the largest CPU, GPU and memory need of its agents, the first size set among them."""
+        cpus, gpus, memory = 0.0, 0.0, 0.0
+        for p, pool in members:
+            declared = p.agent.resources()
+            agent_gpus = pool.gpus
+            if agent_gpus is None:
+                agent_gpus = declared.gpus
+                if self.gpu_memory_gb and declared.gpu_memory_gb > 0 and 0 < agent_gpus <= 1:
+                    agent_gpus = min(agent_gpus, math.ceil(100 * declared.gpu_memory_gb / self.gpu_memory_gb) / 100)
+            cpus = max(cpus, pool.cpus or declared.cpus)
+            gpus = max(gpus, agent_gpus)
+            memory = max(memory, pool.memory_gb or 0.0)
+        size = next((pool.size for _, pool in members if pool.size is not None), 1)
+        return Placement(
+            tuple(p.column for p, _ in members), size, cpus, gpus, int(memory * 2**30) if memory else None,
+            fixed_cpus=any(pool.cpus is not None for _, pool in members),
+            fixed_gpus=any(pool.gpus is not None for _, pool in members),
+        )
+
+    def fit(
+        self, recipe: Recipe, planned: Sequence[PlannedAgent], placements: list[Placement],
+        nodes: Sequence[Mapping[str, float]],
+    ) -> list[Placement]:
+        """Default pools shrunk to the cluster found; pools set by a recipe or the executor unchanged.
+
+        When the pools' minimum sizes ask for more CPUs than the cluster has (after the prepare/commit
+        tasks' share), the agents without pool settings are first grouped into one pool (one process
+        for all CPU-only agents: a laptop runs the recipe like the local executor does), then their
+        CPU reservations are scaled down (fractional CPUs). Default GPU reservations of at most one
+        GPU are scaled the same way when GPUs are short (agents then share a GPU). What still does not
+        fit is refused by :meth:`check_fits`, naming the pools.
+        """
+        cpus = sum(n.get("CPU", 0.0) for n in nodes) - self.task_cpus
+        gpus = sum(n.get("GPU", 0.0) for n in nodes)
+        if _want(placements, "cpus") > cpus + 1e-9:
+            try:
+                grouped = self.placements(recipe, planned, group_light=True)
+            except RecipeError:  # grouping would put a need behind its producer: keep the pools
+                grouped = placements
+            placements = _scaled(grouped, "cpus", cpus, floor=0.01)
+        if _want(placements, "gpus") > gpus + 1e-9:
+            placements = _scaled(placements, "gpus", gpus, floor=0.01)
+        return placements
 
     def check_fits(self, placements: Sequence[Placement], nodes: Sequence[Mapping[str, float]]) -> None:
         """Refuse pools the cluster cannot hold while keeping CPU for the prepare/commit tasks.
@@ -382,6 +431,7 @@ class RayExecutor:
         try:
             if self.check_resources:
                 nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+                placements = self.fit(recipe, planned, placements, nodes)
                 self.check_fits(placements, nodes)
             for p in planned:
                 work.register_agent(p.fingerprint, {**p.identity, "column": p.column})
@@ -520,11 +570,44 @@ class RayExecutor:
         )
 
 
+def _want(placements: Sequence[Placement], resource: str) -> float:
+    """CPUs or GPUs that the pools' minimum sizes reserve."""
+    return sum(p.min_size * getattr(p, resource) for p in placements)
+
+
+def _scaled(placements: Sequence[Placement], resource: str, available: float, *, floor: float) -> list[Placement]:
+    """Shrink the default (not fixed) reservations of ``resource`` so that all pools fit ``available``.
+
+    GPU reservations above one GPU (a tensor-parallel engine) are never split. Reservations are
+    rounded down to hundredths and never go below ``floor``; when the fixed ones alone do not fit,
+    nothing changes (the refusal then names the pools as configured).
+    """
+
+    def flexible(p: Placement) -> bool:
+        fixed = p.fixed_cpus if resource == "cpus" else p.fixed_gpus
+        value = getattr(p, resource)
+        return not fixed and value > 0 and (resource == "cpus" or value <= 1)
+
+    fixed = sum(p.min_size * getattr(p, resource) for p in placements if not flexible(p))
+    wanted = sum(p.min_size * getattr(p, resource) for p in placements if flexible(p))
+    room = available - fixed
+    if wanted <= 0 or room <= 0 or wanted <= room:
+        return list(placements)
+    factor = room / wanted
+    return [
+        replace(p, **{resource: max(floor, math.floor(100 * getattr(p, resource) * factor) / 100)})
+        if flexible(p) else p
+        for p in placements
+    ]
+
+
 def _group_key(planned: PlannedAgent, pool: Pool) -> str:
     """Which pool an agent runs in: its explicit group, else one pool per model backend spec, else its own."""
     if pool.group:
         return f"group:{pool.group}"
     backend = getattr(planned.agent.params, "backend", None)
+    if isinstance(backend, BackendSpec):
+        return "backend:" + backend.engine_key()  # the engine the agents share in the actor
     if isinstance(backend, BaseModel):
         return "backend:" + stable_hash(backend.model_dump(mode="json"))
     return f"agent:{planned.column}"
