@@ -17,7 +17,8 @@ How the image is given (``image_input``):
 * ``verbalized``: a text-only backend reads the verbalised image (:mod:`visa.agents.verbalize`),
   placed before the first question by ``template``. The agent then reads the visual agents'
   outputs through ``needs`` and never decodes pixels;
-* ``auto`` (default): ``verbalized`` for the ``embedded_lm`` backend, ``pixels`` otherwise.
+* ``auto`` (default): ``verbalized`` for a text-only backend (``embedded_lm``), ``pixels`` for one
+  that sees images.
 
 With a verbalised image, "IM" measures how much the *description* helps: a 135M LM over a
 few classifier labels is a weak reader (see BENCHMARKS.md), which is why the embedded recipe adds
@@ -42,8 +43,9 @@ from visa.agents.verbalize import (
     strip_image_placeholders,
     verbalize,
 )
+from visa.backends import shared as shared_engines
 from visa.backends.base import AnswerLogprobsRequest, AnswerLogprobsResult, Backend
-from visa.backends.registry import BackendSpec, build_backend
+from visa.backends.registry import BackendSpec
 from visa.samples import Turn
 
 ImageInput = Literal["auto", "pixels", "verbalized"]
@@ -77,7 +79,7 @@ class _LikelihoodAgent(Agent):
     def __init__(self, params: LikelihoodParams | None = None, *, backend: Backend | None = None):
         super().__init__(params)
         self.verbalized = self.params.image_input == "verbalized" or (
-            self.params.image_input == "auto" and self.params.backend.type == "embedded_lm"
+            self.params.image_input == "auto" and not self.params.backend.capabilities().sees_images
         )
         # Instance attributes: what the agent reads depends on its parameters.
         self.needs = self.params.evidence.columns() if self.verbalized else ()
@@ -87,19 +89,20 @@ class _LikelihoodAgent(Agent):
 
     def setup(self) -> None:
         if self._backend is None:
-            self._backend = build_backend(self.params.backend)
-        self._backend.setup()
+            self._backend = shared_engines.acquire(self.params.backend)  # set up once per process
+        elif not self._owns_backend:
+            self._backend.setup()
 
     def teardown(self) -> None:
         if self._backend is not None and self._owns_backend:
-            self._backend.teardown()
+            shared_engines.release(self._backend)
             self._backend = None
 
     def models(self) -> dict[str, str]:
         return self._backend.models() if self._backend is not None else {}
 
     def resources(self) -> Resources:
-        return Resources(cpus=1.0, gpus=0.0 if self.params.backend.type in ("embedded_lm", "openai") else 1.0)
+        return Resources(cpus=1.0, gpus=self.params.backend.capabilities().gpus)
 
     @property
     def backend(self) -> Backend:

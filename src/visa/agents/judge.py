@@ -36,8 +36,9 @@ from visa.agents.base import Agent, AgentParams, ImageItem, Resources, Result, U
 from visa.agents.dp_parser import parse_final_score
 from visa.agents.dp_rubric import DESCRIPTION_INTRO, FINAL_LINE, IMAGE_INTRO, system_prompt
 from visa.agents.verbalize import EvidenceColumns, VerbalizeOptions, gather, verbalize
+from visa.backends import shared as shared_engines
 from visa.backends.base import AnswerLogprobsRequest, Backend, GenerateRequest, Message
-from visa.backends.registry import BackendSpec, build_backend
+from visa.backends.registry import BackendSpec
 from visa.samples import Turn
 
 
@@ -64,7 +65,7 @@ class JudgeAgent(Agent):
     class Params(AgentParams):
         backend: BackendSpec = Field(default_factory=lambda: BackendSpec(type="embedded_lm"))
         mode: Literal["auto", "generate", "likelihood"] = Field(
-            "auto", description="auto: likelihood for embedded_lm, generate otherwise"
+            "auto", description="auto: likelihood for a text-only backend, generate for one that sees images"
         )
         image_input: Literal["auto", "pixels", "verbalized"] = "auto"
         language: Literal["en", "zh"] = "en"
@@ -81,9 +82,9 @@ class JudgeAgent(Agent):
     def __init__(self, params: Params | None = None, *, backend: Backend | None = None,
                  describers: Sequence[tuple[str, Agent]] | None = None):
         super().__init__(params)
-        embedded = self.params.backend.type == "embedded_lm"
-        self.mode = self.params.mode if self.params.mode != "auto" else ("likelihood" if embedded else "generate")
-        self.verbalized = self.params.image_input == "verbalized" or (self.params.image_input == "auto" and embedded)
+        text_only = not self.params.backend.capabilities().sees_images
+        self.mode = self.params.mode if self.params.mode != "auto" else ("likelihood" if text_only else "generate")
+        self.verbalized = self.params.image_input == "verbalized" or (self.params.image_input == "auto" and text_only)
         self._backend = backend
         self._owns_backend = backend is None
         self._describers: list[tuple[str, Agent]] | None = list(describers) if describers is not None else None
@@ -91,8 +92,9 @@ class JudgeAgent(Agent):
     # -- lifecycle ----------------------------------------------------------------------------
     def setup(self) -> None:
         if self._backend is None:
-            self._backend = build_backend(self.params.backend)
-        self._backend.setup()
+            self._backend = shared_engines.acquire(self.params.backend)  # set up once per process
+        elif not self._owns_backend:
+            self._backend.setup()
         if self.verbalized and self._describers is None:
             from visa.registry import agent_class
 
@@ -107,7 +109,7 @@ class JudgeAgent(Agent):
 
     def teardown(self) -> None:
         if self._backend is not None and self._owns_backend:
-            self._backend.teardown()
+            shared_engines.release(self._backend)
             self._backend = None
         for _, agent in self._describers or []:
             agent.teardown()
@@ -119,7 +121,7 @@ class JudgeAgent(Agent):
         return found
 
     def resources(self) -> Resources:
-        return Resources(cpus=1.0, gpus=0.0 if self.params.backend.type in ("embedded_lm", "openai") else 1.0)
+        return Resources(cpus=1.0, gpus=self.params.backend.capabilities().gpus)
 
     @property
     def backend(self) -> Backend:
