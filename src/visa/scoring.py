@@ -65,8 +65,10 @@ class _CountingIds:
             self.progress.progress.update(self._task, completed=self.count, total=self.count)
 
 
-def check_runnable(recipe: Recipe) -> None:
-    """Fail before any work when an agent's optional dependency (or its backend's) is missing."""
+def check_runnable(recipe: Recipe, *, reach: bool = True) -> None:
+    """Fail before any work when an agent's optional dependency (or its backend's) is missing, or
+    (``reach``) a model's weights are neither here nor reachable or an endpoint does not answer
+    (:mod:`visa.preflight`; seconds, no retries)."""
     from visa.backends.registry import BackendSpec, missing_backend
 
     problems = []
@@ -79,6 +81,13 @@ def check_runnable(recipe: Recipe) -> None:
             problems.append(f"{bound.column} needs {', '.join(missing)}")
     if problems:
         raise RecipeError(f"recipe '{recipe.name}' cannot run here: " + "; ".join(problems))
+    if reach:
+        from visa import preflight
+
+        unreachable = preflight.problems(recipe)
+        if unreachable:
+            more = f" (and {len(unreachable) - 1} more)" if len(unreachable) > 1 else ""
+            raise RecipeError(f"recipe '{recipe.name}' cannot run here: {unreachable[0]}{more}")
 
 
 def score(
