@@ -1,10 +1,14 @@
-"""A small OpenAI-compatible HTTP server on loopback, answering with a real causal LM.
+"""A small OpenAI-compatible HTTP server on loopback, answering with a real model.
 
 It implements the subset of vLLM's server that :mod:`visa.backends.openai_api` uses:
 ``GET /v1/models`` and ``POST /v1/chat/completions`` with greedy generation, ``prompt_logprobs``
-(one ``{"<token id>": {"logprob", "rank", "decoded_token"}}`` entry per prompt token, ``null`` first,
-decoded incrementally), ``add_generation_prompt`` and ``return_token_ids``. The model is text-only:
-a request with an image part gets HTTP 400 after its data URI is checked.
+(vLLM's response shape: a top-level list with ``null`` for the first prompt token, then one
+``{"<token id>": {"logprob", "rank", "decoded_token"}}`` entry per prompt token, decoded
+incrementally), ``add_generation_prompt`` and ``return_token_ids`` (``prompt_token_ids``: the ids the
+model read, image tokens expanded). :class:`OpenAICompatibleServer` serves a text-only causal LM (a
+request with an image part gets HTTP 400 after its data URI is checked);
+:class:`VisionLanguageServer` serves a vision-language model through its transformers processor and
+accepts ``image_url`` parts (base64 data URIs), as ``vllm serve`` does for a multimodal model.
 
 Tests inject faults: ``server.faults`` is a list consumed one per request; an ``int`` answers with that
 HTTP status, a ``float`` delays the response by that many seconds.
@@ -108,6 +112,16 @@ class OpenAICompatibleServer:
             self._http = None
 
     # -- the API --------------------------------------------------------------------------------
+    def _encode(self, body: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        """The model inputs of a request and its prompt token ids."""
+        import torch
+
+        text = self.tokenizer.apply_chat_template(
+            self._messages(body), tokenize=False, add_generation_prompt=body.get("add_generation_prompt", True)
+        )
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return {"input_ids": torch.tensor([ids])}, ids
+
     def _messages(self, body: dict[str, Any]) -> list[dict[str, str]]:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -138,19 +152,15 @@ class OpenAICompatibleServer:
 
         if body.get("model") != self.name:
             raise BadRequest(f"The model `{body.get('model')}` does not exist.", 404)
-        messages = self._messages(body)
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=body.get("add_generation_prompt", True)
-        )
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        inputs, ids = self._encode(body)
         max_tokens = int(body.get("max_tokens") or 16)
         skip_special = body.get("skip_special_tokens", True)
         with self._model_lock, torch.inference_mode():
-            input_ids = torch.tensor([ids])
+            input_ids = inputs["input_ids"]
             prompt_logprobs = None
             k = body.get("prompt_logprobs")
             if k is not None:
-                logprobs = torch.log_softmax(self.model(input_ids=input_ids).logits[0].float(), dim=-1)
+                logprobs = torch.log_softmax(self.model(**inputs).logits[0].float(), dim=-1)
                 prompt_logprobs = [None]
                 previous = self.tokenizer.decode(ids[:1], skip_special_tokens=skip_special)
                 for j in range(1, len(ids)):
@@ -175,8 +185,7 @@ class OpenAICompatibleServer:
                     prompt_logprobs.append(entry)
                     previous = current
             generated = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
+                **{"attention_mask": torch.ones_like(input_ids), **inputs},
                 max_new_tokens=max_tokens,
                 do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
@@ -210,3 +219,59 @@ class OpenAICompatibleServer:
         if body.get("return_token_ids"):
             response["prompt_token_ids"] = ids
         return response
+
+
+class VisionLanguageServer(OpenAICompatibleServer):
+    """The same API over a vision-language model: ``image_url`` parts become the model's images.
+
+    The conversation is rendered by the processor's chat template with an image part where each
+    image was, and encoded by the processor (image placeholders expanded into image tokens), as
+    vLLM's server does with the checkpoint's own processor.
+    """
+
+    def __init__(self, model: Any, processor: Any, name: str = "tiny-vlm"):
+        super().__init__(model, processor.tokenizer, name)
+        self.processor = processor
+
+    def _encode(self, body: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        messages, images = self._parts(body)
+        text = self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=body.get("add_generation_prompt", True)
+        )
+        encoding = self.processor(
+            text=[text], images=[images] if images else None, return_tensors="pt", add_special_tokens=False
+        )
+        encoding.pop("text_replacement_offsets", None)
+        return dict(encoding), encoding["input_ids"][0].tolist()
+
+    def _parts(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' must be a non-empty list")
+        result: list[dict[str, Any]] = []
+        images: list[Image.Image] = []
+        for message in messages:
+            content = message.get("content")
+            if isinstance(content, str):
+                content = [{"type": "text", "text": content}]
+            if not isinstance(content, list):
+                raise BadRequest("message content must be a string or a list of parts")
+            parts = []
+            for part in content:
+                if part.get("type") == "image_url":
+                    images.append(self._image(part["image_url"]["url"]))
+                    parts.append({"type": "image"})
+                elif part.get("type") == "text":
+                    parts.append({"type": "text", "text": part.get("text", "")})
+                else:
+                    raise BadRequest(f"unsupported content part {part.get('type')!r}")
+            result.append({"role": message.get("role", "user"), "content": parts})
+        return result, images
+
+    def _image(self, url: str) -> Image.Image:
+        header, _, data = url.partition(",")
+        if not header.startswith("data:image/") or not header.endswith(";base64"):
+            raise BadRequest("image_url must be a base64 data URI")
+        with Image.open(io.BytesIO(base64.b64decode(data))) as image:
+            self.images_seen.append(image.size)
+            return image.convert("RGB")
