@@ -136,6 +136,23 @@ def test_embedded_examples_same_table_as_local(ray_address, tmp_path, examples, 
     assert all("->" not in op for op in operators), operators
 
 
+@pytest.mark.slow  # loads the embedded models in both executors
+@pytest.mark.timeout(400)
+def test_embedded_with_default_pools_on_two_cpus_equals_local(ray_address, tmp_path, examples, monkeypatch):
+    """What `visa score --executor ray --recipe embedded` does on a 2-CPU machine: no pool settings at
+    all; the executor fits its pools to the cluster and gives the local table."""
+    records = [r for r in json.loads((examples / "llava.json").read_text()) if r["id"] in EXAMPLE_IDS]
+    data = tmp_path / "examples.json"
+    data.write_text(json.dumps(records))
+    recipe = with_shard_size(load_recipe("embedded"), 2)
+    with one_thread(monkeypatch):
+        score(recipe, data, tmp_path / "local", image_root=examples)
+    executor = RayExecutor()
+    remote = score(recipe, data, tmp_path / "ray", image_root=examples, executor=executor)
+    assert table_of(tmp_path / "ray") == table_of(tmp_path / "local")
+    assert remote["counts"]["errors"] == {} and remote["counts"]["records"] == len(EXAMPLE_IDS)
+
+
 def _awkward_dataset(folder: Path) -> Path:
     """Gradient images shared across shards, plus every kind of per-sample trouble."""
     data = make_dataset(folder, n_images=7, per_image=2)
@@ -417,3 +434,54 @@ except MissingDependency as err:
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "local" / "scores.parquet").exists()
     assert "MISSING: the Ray executor needs the 'ray' package: pip install 'visa[ray]'" in proc.stdout
+
+
+def test_default_pools_fit_a_small_cluster_and_explicit_pools_win(tmp_path, examples):
+    pytest.importorskip("ray")
+    recipe = load_recipe("embedded")
+    planned = plan_agents(recipe)[0]
+    executor = RayExecutor()
+    default = executor.placements(recipe, planned)
+    assert len(default) > 2  # one pool per agent or shared model: more CPUs than a laptop has
+    two_cpus = [{"CPU": 2.0}]
+    fitted = executor.fit(recipe, planned, default, two_cpus)
+    executor.check_fits(fitted, two_cpus)  # no error: it runs on 2 CPUs
+    # every CPU-only agent in one pool, in pipeline order, as one local process runs them
+    assert [p.columns for p in fitted] == [tuple(p.column for p in planned)]
+    # a cluster that holds the default pools keeps them
+    assert executor.fit(recipe, planned, default, [{"CPU": 64.0}]) == default
+
+    # Grouping that would put a need behind its producer is not done: CPUs are scaled instead.
+    needs = light_recipe(tmp_path, with_sample_agent=True)
+    split = RayExecutor(pools={"light.mean": {"group": "late"}})
+    needs_planned = plan_agents(needs)[0]
+    one_cpu = [{"CPU": 1.5}]
+    shrunk = split.fit(needs, needs_planned, split.placements(needs, needs_planned), one_cpu)
+    split.check_fits(shrunk, one_cpu)
+    assert sum(p.min_size * p.cpus for p in shrunk) <= 0.5
+
+    # Explicit pool settings are never shrunk: the refusal names them.
+    greedy = RayExecutor(pools={"*": {"cpus": 1.0}})
+    explicit = greedy.placements(recipe, planned)
+    assert greedy.fit(recipe, planned, explicit, two_cpus) == explicit
+    with pytest.raises(RecipeError, match="lower pool size or cpus"):
+        greedy.check_fits(explicit, two_cpus)
+
+
+def test_default_gpu_pools_share_a_small_gpu_box(tmp_path):
+    pytest.importorskip("ray")
+    recipe = load_recipe(write_recipe(tmp_path / "gpu.yaml", """
+scores:
+  oa:
+    agents:
+      - {name: a, type: 'test_ray_executor:GpuTagger'}
+      - {name: b, type: 'test_ray_executor:GpuTagger'}
+      - {name: c, type: 'test_ray_executor:GpuTagger', pool: {gpus: 1}}
+"""))
+    planned = plan_agents(recipe)[0]
+    executor = RayExecutor()
+    one_gpu_box = [{"CPU": 16.0, "GPU": 2.0}]
+    fitted = {"+".join(p.columns): p for p in executor.fit(recipe, planned, executor.placements(recipe, planned), one_gpu_box)}
+    assert fitted["oa.c"].gpus == 1.0  # set in the recipe: kept
+    assert fitted["oa.a"].gpus == fitted["oa.b"].gpus == 0.5  # the defaults share the other GPU
+    executor.check_fits(list(fitted.values()), one_gpu_box)
