@@ -3,22 +3,33 @@
 SC(image) = the number of masks, found by SAM 2.1's automatic mask generator with the reference
 settings (METHOD.md, "SC"), that cover at least 0.5% of the image.
 
-The generator is written here on top of transformers' ``Sam2Model`` (which runs without torchvision):
-1. crops: the whole image, plus ``crop_n_layers`` layers of 2^i x 2^i overlapping crops;
-2. per crop: one image embedding; a regular grid of point prompts (``points_per_side`` per side,
-   divided by ``crop_n_points_downscale_factor`` per layer), decoded in batches into three masks per
-   point; with ``use_m2m`` each mask is refined once more with its own low-resolution logits as a mask
-   prompt; masks are kept when the predicted IoU > ``pred_iou_thresh`` and the stability score
-   (IoU of the mask thresholded at ``mask_threshold`` +/- ``stability_score_offset``) >=
-   ``stability_score_thresh``; masks touching a crop edge that is not an image edge are dropped;
-   box NMS (``box_nms_thresh``) within the crop;
-3. across crops: box NMS (``crop_nms_thresh``) preferring masks from smaller crops;
-4. small regions: holes and islands below ``min_mask_region_area`` pixels are filled/removed, then a
-   last box NMS prefers masks that needed no such fix.
+The generator follows SAM 2's ``SAM2AutomaticMaskGenerator.generate()`` step by step, on top of
+transformers' ``Sam2Model`` (which runs without torchvision); ``benchmarks/sam2_fidelity.py`` compares
+the two on identical random weights:
+
+1. crops: the whole image, then ``crop_n_layers`` layers of 2^i x 2^i overlapping crops, in the
+   reference's order (column by column);
+2. per crop: the crop resized to the model's square input (bilinear, antialiased, on the [0, 1]
+   tensor; ImageNet normalisation) and embedded once; a regular grid of point prompts
+   (``points_per_side``, divided by ``crop_n_points_downscale_factor`` per layer) decoded in batches
+   into three masks per point. The low-resolution logits first get SAM 2's hole and sprinkle filling
+   (background / foreground components of at most ``min_mask_region_area`` low-resolution pixels,
+   8-connectivity, at logit threshold 0, set to +10 / -10), then are upsampled to the crop size.
+   With ``use_m2m`` every mask is decoded once more with its raw low-resolution logits, clamped to
+   +-32, as mask prompt, and the refined masks replace the first ones. Masks are kept when the
+   predicted IoU > ``pred_iou_thresh`` and the stability score (float32 IoU of the mask thresholded at
+   ``mask_threshold`` +/- ``stability_score_offset``) >= ``stability_score_thresh`` (each test only
+   when its threshold is > 0, as in the reference); masks whose box touches a crop edge that is not
+   an image edge are dropped; box NMS (``box_nms_thresh``, by predicted IoU) within the crop;
+3. across crops: box NMS (``crop_nms_thresh``) preferring masks from smaller crops (ties: crop
+   order, then score order within the crop).
+
+Nothing else by default: SAM-v1-style full-resolution removal of small regions followed by another
+NMS is :attr:`Sam2Params.postprocess_small_regions` (off; ``paper`` leaves it off).
 Points per batch shrink with the image size so that the upsampled mask logits and the decoder's
 per-point copies of the image features stay within ``memory_budget_mb`` (default: 2 GiB on CPU, a
-quarter of the GPU's memory up to 16 GiB on CUDA). On CUDA the model runs
-under bf16 autocast (the reference does the same).
+quarter of the GPU's memory up to 16 GiB on CUDA). On CUDA the model runs under bf16 autocast (the
+reference does the same).
 """
 
 from __future__ import annotations
@@ -61,8 +72,8 @@ def crop_boxes(
         overlap = int(overlap_ratio * short_side * (2 / per_side))
         crop_w = math.ceil((overlap * (per_side - 1) + width) / per_side)
         crop_h = math.ceil((overlap * (per_side - 1) + height) / per_side)
-        for j in range(per_side):
-            for i in range(per_side):
+        for i in range(per_side):  # column by column, as the reference (itertools.product(x0s, y0s))
+            for j in range(per_side):
                 x0, y0 = (crop_w - overlap) * i, (crop_h - overlap) * j
                 boxes.append(((x0, y0, min(x0 + crop_w, width), min(y0 + crop_h, height)), layer))
     return boxes
@@ -81,15 +92,78 @@ def point_grid(per_side: int) -> np.ndarray:
 def stability_score(logits: torch.Tensor, threshold: float, offset: float) -> torch.Tensor:
     """IoU between the masks ``logits > threshold + offset`` and ``logits > threshold - offset``.
 
-    ``logits`` [N, H, W]; an empty lower mask scores 0.
+    ``logits`` [N, H, W]; float32 like the reference, so that comparisons at the threshold agree. An
+    empty lower mask gives NaN (0 / 0), which no threshold test passes.
     """
     import torch
 
-    inner = (logits > threshold + offset).flatten(1).sum(-1, dtype=torch.int64)
-    outer = (logits > threshold - offset).flatten(1).sum(-1, dtype=torch.int64)
-    return torch.where(
-        outer > 0, inner.double() / outer.clamp(min=1).double(), torch.zeros_like(inner).double()
-    )
+    inner = (logits > threshold + offset).flatten(1).sum(-1, dtype=torch.int32)
+    outer = (logits > threshold - offset).flatten(1).sum(-1, dtype=torch.int32)
+    return inner.float() / outer.float()
+
+
+def component_areas(binary: torch.Tensor) -> torch.Tensor:
+    """For every True pixel of ``binary`` [N, H, W], the area of its 8-connected component (0 elsewhere).
+
+    What SAM 2's compiled ``get_connected_components`` returns as counts; here with scipy when it is
+    installed, else by label propagation in torch (no compiled extension needed either way).
+    """
+    import torch
+
+    try:
+        from scipy import ndimage
+    except ImportError:
+        return _component_areas_torch(binary)
+    array = binary.detach().cpu().numpy()
+    areas = np.zeros(array.shape, dtype=np.int64)
+    structure = np.ones((3, 3), dtype=bool)
+    for k in range(array.shape[0]):
+        labels, count = ndimage.label(array[k], structure=structure)
+        if count:
+            sizes = np.bincount(labels.ravel())
+            sizes[0] = 0
+            areas[k] = sizes[labels]
+    return torch.from_numpy(areas).to(binary.device)
+
+
+def _component_areas_torch(binary: torch.Tensor) -> torch.Tensor:
+    """:func:`component_areas` by max-label propagation over 3x3 neighbourhoods until nothing changes."""
+    import torch
+
+    n, h, w = binary.shape
+    mask = binary.bool()
+    index = torch.arange(1, h * w + 1, device=binary.device, dtype=torch.float32).view(1, h, w).expand(n, h, w)
+    labels = torch.where(mask, index, torch.zeros_like(index))
+    while True:
+        spread = torch.nn.functional.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0]
+        spread = torch.where(mask, spread, torch.zeros_like(spread))
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    flat = labels.long().view(n, -1)
+    counts = torch.zeros(n, h * w + 1, dtype=torch.long, device=binary.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat))
+    counts[:, 0] = 0
+    return torch.gather(counts, 1, flat).view(n, h, w)
+
+
+def fill_holes_and_sprinkles(logits: torch.Tensor, max_area: int, threshold: float = 0.0) -> torch.Tensor:
+    """SAM 2's low-resolution mask post-processing (``SAM2Transforms.postprocess_masks``).
+
+    On ``logits`` [N, H, W]: background components (``<= threshold``) of at most ``max_area`` pixels
+    become ``threshold + 10``, then foreground components (``> threshold``) of at most ``max_area``
+    pixels become ``threshold - 10``. ``max_area`` <= 0 leaves the logits unchanged.
+    """
+    import torch
+
+    if max_area <= 0 or logits.numel() == 0:
+        return logits
+    background = logits <= threshold
+    holes = background & (component_areas(background) <= max_area)
+    logits = torch.where(holes, torch.full_like(logits, threshold + 10.0), logits)
+    foreground = logits > threshold
+    sprinkles = foreground & (component_areas(foreground) <= max_area)
+    return torch.where(sprinkles, torch.full_like(logits, threshold - 10.0), logits)
 
 
 def mask_to_box(masks: torch.Tensor) -> torch.Tensor:
@@ -228,7 +302,14 @@ class Sam2Params(AgentParams):
     crop_nms_thresh: float = 0.7
     crop_overlap_ratio: float = Field(512 / 1500, ge=0.0, lt=1.0)
     crop_n_points_downscale_factor: int = Field(2, ge=1)
-    min_mask_region_area: int = Field(25, ge=0)
+    min_mask_region_area: int = Field(
+        25, ge=0, description="largest hole / sprinkle (low-resolution pixels) filled before the stability score"
+    )
+    postprocess_small_regions: bool = Field(
+        False,
+        description="also remove full-resolution holes/islands below min_mask_region_area, then NMS (SAM v1; "
+        "not part of SAM 2's generator)",
+    )
     use_m2m: bool = True
     multimask_output: bool = True
     min_area_fraction: float = Field(0.005, ge=0.0, le=1.0, description="SC counts masks covering this share")
@@ -246,7 +327,7 @@ class Sam2Agent(PerImageAgent):
     """
 
     unit = Unit.IMAGE
-    version = "1"
+    version = "2"
     Params = Sam2Params
     outputs: ClassVar[dict[str, pa.DataType]] = {
         "score": pa.float64(),
@@ -342,7 +423,7 @@ class Sam2Agent(PerImageAgent):
             boxes = torch.tensor([r.box for r in records], dtype=torch.float32)
             scores = torch.tensor([1.0 / crop_area[r.crop] for r in records], dtype=torch.float64)
             records = [records[i] for i in nms(boxes, scores, p.crop_nms_thresh).tolist()]
-        if p.min_mask_region_area > 0 and records:
+        if p.postprocess_small_regions and p.min_mask_region_area > 0 and records:
             cleaned = [clean_small_regions(r, width, height, p.min_mask_region_area) for r in records]
             boxes = torch.tensor([r.box for r, _ in cleaned], dtype=torch.float32)
             scores = torch.tensor([float(unchanged) for _, unchanged in cleaned], dtype=torch.float64)
@@ -376,14 +457,18 @@ class Sam2Agent(PerImageAgent):
         return 2048
 
     def _embed(self, crop: Image.Image) -> list[torch.Tensor]:
+        """The crop as the reference feeds it: [0, 1] tensor, antialiased bilinear resize, normalised."""
         import torch
 
         size = self._model.config.prompt_encoder_config.image_size
-        array = np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-        array = (array - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
+        pixels = torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1)[None].float() / 255.0
+        pixels = torch.nn.functional.interpolate(
+            pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
         dtype = next(self._model.parameters()).dtype
-        pixels = torch.from_numpy(array).permute(2, 0, 1)[None].to(self._device, dtype)
-        return self._model.get_image_embeddings(pixels)
+        return self._model.get_image_embeddings(((pixels - mean) / std).to(self._device, dtype))
 
     def _crop_masks(
         self,
@@ -401,7 +486,7 @@ class Sam2Agent(PerImageAgent):
         if crop_w < 1 or crop_h < 1:
             return []
         embeddings = self._embed(image.crop(crop_box))
-        points = point_grid(per_side) * np.array([crop_w, crop_h])
+        points = point_grid(per_side) * np.array([crop_w, crop_h])  # crop pixels, as the reference
         batch = self.points_per_batch(crop_w, crop_h)
         kept: list[MaskRecord] = []
         kept_boxes: list[torch.Tensor] = []
@@ -443,59 +528,67 @@ class Sam2Agent(PerImageAgent):
         return out.pred_masks[:, 0].float(), out.iou_scores[:, 0].float()
 
     def _point_batch(self, embeddings, points_xy: np.ndarray, crop_box, crop_index: int, image_box):
+        """One batch of point prompts of a crop: decode, (refine), filter, binarise, boxes (reference order)."""
         import torch
 
-        p = self.params
         x0, y0, x1, y1 = crop_box
         crop_w, crop_h = x1 - x0, y1 - y0
         size = self._model.config.prompt_encoder_config.image_size
-        scale = torch.tensor([size / crop_w, size / crop_h], dtype=torch.float32, device=self._device)
-        points = torch.as_tensor(points_xy, dtype=torch.float32, device=self._device) * scale
+        points = torch.as_tensor(points_xy, dtype=torch.float32, device=self._device)
+        points = points / torch.tensor([crop_w, crop_h], dtype=torch.float32, device=self._device) * size
         low_res, iou = self._decode(embeddings, points)  # [N, K, h, w], [N, K]
         k = low_res.shape[1]
-        low_res = low_res.flatten(0, 1)
-        iou = iou.flatten()
-        points = points.repeat_interleave(k, dim=0)
-        if p.use_m2m:
-            refined, refined_iou = [], []
-            step = max(1, self.points_per_batch(crop_w, crop_h))
-            for s in range(0, len(points), step):
-                masks, scores = self._decode(embeddings, points[s : s + step], low_res[s : s + step])
-                refined.append(masks[:, 0])
-                refined_iou.append(scores[:, 0])
-            low_res, iou = torch.cat(refined), torch.cat(refined_iou)
-        keep = iou > p.pred_iou_thresh
-        low_res, iou = low_res[keep], iou[keep]
+        low_res, iou = low_res.flatten(0, 1), iou.flatten()
+        if self.params.use_m2m:
+            low_res, iou = self._refine(embeddings, points.repeat_interleave(k, dim=0), low_res, crop_w, crop_h)
+        logits, iou, stability = self._keep_quality(low_res, iou, crop_w, crop_h)
         empty = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.float64))
         if len(iou) == 0:
             return [], *empty
-        logits = torch.nn.functional.interpolate(
-            low_res[:, None], size=(crop_h, crop_w), mode="bilinear", align_corners=False
-        )[:, 0]
-        stability = stability_score(logits, p.mask_threshold, p.stability_score_offset)
-        keep = stability >= p.stability_score_thresh
-        logits, iou, stability = logits[keep], iou[keep], stability[keep]
-        if len(iou) == 0:
-            return [], *empty
-        masks = logits > p.mask_threshold
+        masks = logits > self.params.mask_threshold
         del logits
         boxes = mask_to_box(masks)
         image_boxes = boxes + torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype, device=boxes.device)
-        keep = ~near_crop_edge(image_boxes, crop_box, image_box) & masks.flatten(1).any(-1)
-        masks, iou, stability, image_boxes, boxes = (
-            masks[keep],
-            iou[keep],
-            stability[keep],
-            image_boxes[keep],
-            boxes[keep],
-        )
+        keep = ~near_crop_edge(image_boxes, crop_box, image_box)
+        masks, iou, stability, image_boxes, boxes = masks[keep], iou[keep], stability[keep], image_boxes[keep], boxes[keep]
         records = []
         for m, b, ib, q, s in zip(
-            masks, boxes.long().tolist(), image_boxes.long().tolist(), iou.tolist(), stability.tolist()
+            masks, boxes.long().tolist(), image_boxes.long().tolist(), iou.tolist(), stability.tolist(), strict=True
         ):
             pixels = m[b[1] : b[3] + 1, b[0] : b[2] + 1].cpu().numpy()
             records.append(MaskRecord(tuple(ib), pixels, q, s, crop_index))
         return records, image_boxes.float().cpu(), iou.double().cpu()
+
+    def _refine(self, embeddings, points: torch.Tensor, low_res: torch.Tensor, crop_w: int, crop_h: int):
+        """m2m: every mask decoded again with its own low-resolution logits (clamped to +-32) as prompt."""
+        import torch
+
+        low_res = low_res.clamp(-32.0, 32.0)
+        refined, refined_iou = [], []
+        step = max(1, self.points_per_batch(crop_w, crop_h))
+        for s in range(0, len(points), step):
+            masks, scores = self._decode(embeddings, points[s : s + step], low_res[s : s + step])
+            refined.append(masks[:, 0])
+            refined_iou.append(scores[:, 0])
+        return torch.cat(refined), torch.cat(refined_iou)
+
+    def _keep_quality(self, low_res: torch.Tensor, iou: torch.Tensor, crop_w: int, crop_h: int):
+        """Hole/sprinkle filling, upsampling to the crop, then the predicted-IoU and stability tests."""
+        import torch
+
+        p = self.params
+        if p.pred_iou_thresh > 0.0:
+            keep = iou > p.pred_iou_thresh
+            low_res, iou = low_res[keep], iou[keep]
+        logits = fill_holes_and_sprinkles(low_res.float(), p.min_mask_region_area)
+        logits = torch.nn.functional.interpolate(
+            logits[:, None], size=(crop_h, crop_w), mode="bilinear", align_corners=False
+        )[:, 0]
+        stability = stability_score(logits, p.mask_threshold, p.stability_score_offset)
+        if p.stability_score_thresh > 0.0:
+            keep = stability >= p.stability_score_thresh
+            logits, iou, stability = logits[keep], iou[keep], stability[keep]
+        return logits, iou, stability
 
 
 def sam2_config(*, tiny: bool) -> Any:
