@@ -205,9 +205,11 @@ def load_ours(work: Path, resolution: int) -> Any:
     import torch
     from safetensors.torch import load_file
     from transformers import Sam2Config, Sam2Model
-    from transformers.models.sam2.configuration_sam2 import Sam2HieraDetConfig, Sam2VisionConfig
-
-    from transformers.models.sam2.configuration_sam2 import Sam2PromptEncoderConfig
+    from transformers.models.sam2.configuration_sam2 import (
+        Sam2HieraDetConfig,
+        Sam2PromptEncoderConfig,
+        Sam2VisionConfig,
+    )
 
     sizes = [[resolution // stride] * 2 for stride in (4, 8, 16)]
     vision = Sam2VisionConfig(
