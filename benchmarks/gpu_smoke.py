@@ -122,12 +122,12 @@ execution: {{shard_size: {args.shard_size}, hf_offline: true}}
 scores:
   sc:
     agents:
-      - {{name: sam2, type: sam2, params: {{model_id: {paths['sam2']}, revision: null, device: {device}}}}}
+      - {{name: sam2, type: sam2, params: {{model_id: {paths['sam2']}, device: {device}}}}}
   oa:
     agents:
       - name: grounding_dino
         type: grounding_dino
-        params: {{model_id: {paths['grounding_dino']}, revision: null, device: {device}, mode: full,
+        params: {{model_id: {paths['grounding_dino']}, device: {device}, mode: full,
                   prompt_batch_size: {args.prompt_batch_size}, {gdino_extra} repeats: {args.repeats}}}
   dp:
     agents:
