@@ -6,7 +6,8 @@
 * ``*.jsonl`` / ``*.ndjson``: one JSON record per line;
 * ``*.parquet``, or a folder of ``*.parquet`` files;
 * a folder written by ``datasets.Dataset.save_to_disk`` (``state.json`` / ``dataset_info.json`` and
-  ``*.arrow`` files).
+  ``*.arrow`` files);
+* WebDataset ``*.tar`` shards: one file, a folder of them, or a glob such as ``shards/train-*.tar``.
 
 Every reader yields :class:`~visa.samples.RawRecord` in input order (malformed records included,
 with ``error`` set) and writes a selected subset back in its own format, records unchanged.
@@ -21,7 +22,7 @@ from visa.readers.ids import IdSource, duplicate_ids
 
 __all__ = ["FORMATS", "IdSource", "Input", "InputError", "duplicate_ids", "open_input"]
 
-FORMATS = ("json", "jsonl", "parquet", "hf_datasets")
+FORMATS = ("json", "jsonl", "parquet", "hf_datasets", "webdataset")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
@@ -29,6 +30,10 @@ def open_input(path: Path | str) -> Input:
     """Open ``path`` as an :class:`Input`, detecting its format; raise InputError when it is none."""
     path = Path(path)
     if not path.exists():
+        from visa.readers.webdataset import WebDatasetInput, is_glob
+
+        if is_glob(str(path)):
+            return WebDatasetInput(path)
         raise InputError(f"input not found: {path}")
     if path.is_dir():
         return _open_folder(path)
@@ -46,9 +51,14 @@ def open_input(path: Path | str) -> Input:
         from visa.readers.parquet import ParquetInput
 
         return ParquetInput(path)
+    if suffix == ".tar":
+        from visa.readers.webdataset import WebDatasetInput
+
+        return WebDatasetInput(path)
     raise InputError(
         f"{path}: unsupported input format {suffix or '(no extension)'!r}; expected .json (array), "
-        ".jsonl/.ndjson, .parquet, a folder of .parquet files, or a datasets save_to_disk folder"
+        ".jsonl/.ndjson, .parquet, a folder of .parquet files, a datasets save_to_disk folder, "
+        "or WebDataset .tar shards"
     )
 
 
@@ -65,7 +75,11 @@ def _open_folder(path: Path) -> Input:
 
     if parquet_files(path):
         return ParquetInput(path)
+    from visa.readers.webdataset import WebDatasetInput, tar_shards
+
+    if tar_shards(path):
+        return WebDatasetInput(path)
     raise InputError(
-        f"{path}: folder holds neither .parquet files nor a datasets save_to_disk dataset "
-        "(state.json/dataset_info.json with .arrow files)"
+        f"{path}: folder holds neither .parquet files, a datasets save_to_disk dataset "
+        "(state.json/dataset_info.json with .arrow files) nor WebDataset .tar shards"
     )
