@@ -120,7 +120,8 @@ class HFDatasetsInput(Input):
         tmp = atomic_target(target)
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            ds.select(chosen).save_to_disk(str(tmp))
+            # one data file: LLaMA-Factory's loader reads a single .arrow file, not a save_to_disk folder
+            ds.select(chosen).save_to_disk(str(tmp), num_shards=1)
             if target.exists():
                 shutil.rmtree(target)
             tmp.rename(target)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from visa.families import IM, PT, VISUAL_FAMILIES, families_from_agents, families_from_columns
 from visa.fusion import FusionError, fuse_scores, image_codes
 from visa.run_folder import NoInputRecorded, RunFolder, RunFolderError, RunRecord, reopen_input
-from visa.selection.export import DATASET_NAME, llamafactory_entry, write_selection_table, write_subset
+from visa.selection.export import DATASET_NAME, dataset_entry, write_selection_table, write_subset
 from visa.selection.options import SelectionError, SelectionOptions, resolve_options
 from visa.selection.stages import TEXT_HASH, select_table
 
@@ -111,12 +111,15 @@ def _write_records(
     """The selected records in the input's format and their LLaMA-Factory entry."""
     result.subset_path = write_subset(source, result.selected_rows, folder.path)
     summary["outputs"]["records"] = str(result.subset_path)
-    entry, entry_notes = llamafactory_entry(result.subset_path, folder.path)
-    folder.write_json(folder.dataset_info, entry)
-    result.dataset_info_path = folder.dataset_info
-    summary["outputs"]["dataset_info"] = str(folder.dataset_info)
+    entry, entry_notes = dataset_entry(result.subset_path, folder.path)
+    if entry is None:
+        folder.dataset_info.unlink(missing_ok=True)
+    else:
+        folder.write_json(folder.dataset_info, entry)
+        result.dataset_info_path = folder.dataset_info
+        summary["outputs"]["dataset_info"] = str(folder.dataset_info)
     image_root = run.input.image_root if run.input is not None else None
-    if image_root and "images" in entry[DATASET_NAME]["columns"]:
+    if image_root and entry is not None and "images" in entry[DATASET_NAME]["columns"]:
         entry_notes.append(f"image paths are relative to {image_root}: pass it as LLaMA-Factory's media_dir")
     summary["notes"].extend(entry_notes)
 

@@ -46,13 +46,13 @@ def parse_weights(text: str) -> dict[str, float]:
 def parse_budget(value: Any) -> int | str | None:
     """A budget as a count (``80000``), a normalised percentage (``"2.5%"``) or None (keep all).
 
-    Accepts ints, digit strings, ``"p%"`` with 0 <= p <= 100, and the :data:`OFF` words; a
-    ValueError says what a budget looks like.
+    Accepts ints, digit strings, ``"p%"`` with 0 < p <= 100, and the :data:`OFF` words; a
+    ValueError says what a budget looks like (a zero budget selects nothing and is refused).
     """
     if value is None or (isinstance(value, int) and not isinstance(value, bool)):
         if isinstance(value, int) and value < 0:
             raise ValueError("budget must be a non-negative count or a percentage like '2.5%'")
-        return value
+        return value if value is None else _nonzero(value)
     if isinstance(value, str):
         text = value.strip()
         if text.lower() in OFF:
@@ -64,10 +64,16 @@ def parse_budget(value: Any) -> int | str | None:
                 raise ValueError(f"budget '{value}' is not a percentage like '2.5%'") from None
             if not pct.is_finite() or pct < 0 or pct > 100:
                 raise ValueError(f"budget '{value}' must be between 0% and 100%")
-            return f"{pct.normalize():f}%"
+            return _nonzero(f"{pct.normalize():f}%" if pct else 0)
         if text.isdigit():
-            return int(text)
+            return _nonzero(int(text))
     raise ValueError(f"budget must be a count (80000) or a percentage ('2.5%'), not {value!r}")
+
+
+def _nonzero(budget: int | str) -> int | str:
+    if budget == 0:
+        raise ValueError("budget 0 selects nothing; give a count or a percentage above 0, or 'all'")
+    return budget
 
 
 def budget_rows(budget: int | str | None, pool: int) -> int | None:
@@ -190,4 +196,5 @@ def resolve_options(run: Any, overrides: Mapping[str, Any] | None = None) -> Sel
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise SelectionError(f"selection option {where}: {first['msg']}" if where else first["msg"]) from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise SelectionError(f"selection option {where}: {message}" if where else message) from None
