@@ -57,3 +57,21 @@ def _count_call(n: int, path: str = "") -> None:
     if path:
         with open(path, "a") as fh:
             fh.write(f"{n}\n")
+
+
+class SetupLog(Agent):
+    """Scores nothing useful (image width), but writes ``setup_log`` in ``setup()``: where a real agent
+    would load its model. Tests use it to prove that a mistake was caught before any model loaded."""
+
+    unit = Unit.IMAGE
+
+    class Params(AgentParams):
+        setup_log: str = ""
+
+    def setup(self) -> None:
+        if self.params.setup_log:
+            with open(self.params.setup_log, "a") as fh:
+                fh.write("setup\n")
+
+    def score_batch(self, items):
+        return [{"score": float(item.image.width)} for item in items]

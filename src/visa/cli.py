@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,12 +19,23 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain text: 'visa[ray]' and '*.tar' print as written
 )
 console = Console(stderr=True)
 out = Console()
 
-RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="bundled recipe name (e.g. embedded) or a YAML path")]
-DataOpt = Annotated[Path, typer.Option("--data", "-d", help="input: .json array, .jsonl, .parquet, or a datasets folder")]
+DEFAULT_RECIPE = "embedded"
+RecipeOpt = Annotated[
+    str, typer.Option("--recipe", "-r", help="bundled recipe name (embedded, gpu-lite, paper) or a YAML path")
+]
+DataOpt = Annotated[
+    Path,
+    typer.Option(
+        "--data", "-d",
+        help="input: .json array, .jsonl, .parquet (file or folder), a datasets save_to_disk folder, "
+        "or WebDataset .tar shards (a file, a folder or a glob such as 'shards/train-*.tar')",
+    ),
+]
 RootOpt = Annotated[
     Path | None, typer.Option("--image-root", help="folder that relative image paths resolve under (default: the data's folder)")
 ]
@@ -36,6 +48,14 @@ RayAddressOpt = Annotated[
     str | None,
     typer.Option("--ray-address", help="for --executor ray: 'auto' on a cluster node, ray://HOST:10001; default: start Ray here"),
 ]
+AllowMissingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-missing-images",
+        help="score on even when most image files are missing (by default the run stops once more than "
+        "half of the records so far name missing files: usually a wrong --image-root)",
+    ),
+]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -47,8 +67,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from visa.store import WorkDirMismatch
 
     return (
-        RecipeError, InputError, WorkDirMismatch, FileNotFoundError, NotADirectoryError, MissingDependency,
-        ExecutorError, SelectionError,
+        RecipeError, InputError, WorkDirMismatch, FileNotFoundError, NotADirectoryError, PermissionError,
+        MissingDependency, ExecutorError, SelectionError,
     )
 
 
@@ -71,25 +91,66 @@ def _executor(executor: str, workers: int, ray_address: str | None) -> Any:
     return RayExecutor(address=ray_address)
 
 
-def run_score(
+def check_paths(data: Path, out_dir: Path, image_root: Path | None) -> None:
+    """Fail with one line unless the input exists (or its glob matches), the image root is a folder
+    and the run folder can be created and written."""
+    from visa.readers.webdataset import is_glob
+
+    if not data.exists() and not is_glob(str(data)):
+        raise FileNotFoundError(f"input not found: {data}")
+    if image_root is not None and not image_root.is_dir():
+        raise NotADirectoryError(f"--image-root is not a folder: {image_root}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} exists and is not a folder")
+    existing = next((p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out_dir}: cannot create or write in {existing}")
+
+
+def prepare_score(
     recipe_name: str, data: Path, out_dir: Path, image_root: Path | None, workers: int,
     executor: str = "local", ray_address: str | None = None,
-) -> dict[str, Any]:
-    from visa.progress import RunProgress, make_progress, summary_table
+) -> tuple[Any, Any]:
+    """Everything `visa score` checks before any model loads: executor, recipe (and that its optional
+    dependencies are installed), paths and the input's format. Returns the recipe and the executor."""
+    from visa.readers import open_input
     from visa.recipe import load_recipe
+    from visa.scoring import check_runnable
+
+    runner = _executor(executor, workers, ray_address)
+    recipe = load_recipe(recipe_name)
+    check_paths(data, out_dir, image_root)
+    open_input(data)
+    check_runnable(recipe)
+    return recipe, runner
+
+
+def check_selection(recipe: Any, overrides: dict[str, Any]) -> None:
+    """Validate selection options as `visa select` will resolve them (the recipe's ``selection:``
+    section with ``overrides`` on top), so that a bad one fails before scoring starts."""
+    from visa.selection import resolve_options
+
+    resolve_options({"recipe": recipe.model_dump(mode="json")}, overrides)
+
+
+def run_score(
+    recipe_name: str, data: Path, out_dir: Path, image_root: Path | None, workers: int,
+    executor: str = "local", ray_address: str | None = None, *, allow_missing_images: bool = False,
+    selection: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """`visa score`. ``selection`` holds the options of a `visa select` that follows (`visa run`):
+    they are validated with everything else before scoring."""
+    from visa.progress import RunProgress, make_progress, summary_table
     from visa.scoring import score
 
     try:
-        runner = _executor(executor, workers, ray_address)
-        recipe = load_recipe(recipe_name)
-        if not data.exists():
-            raise FileNotFoundError(f"input not found: {data}")
-        if image_root is not None and not image_root.is_dir():
-            raise NotADirectoryError(f"--image-root is not a folder: {image_root}")
+        recipe, runner = prepare_score(recipe_name, data, out_dir, image_root, workers, executor, ray_address)
+        if selection is not None:
+            check_selection(recipe, selection)
         with make_progress(console) as bars:
             record = score(
                 recipe, data, out_dir, image_root=image_root, workers=workers, executor=runner,
-                progress=RunProgress(bars),
+                progress=RunProgress(bars), stop_on_missing=not allow_missing_images,
             )
     except _user_errors() as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
@@ -99,33 +160,47 @@ def run_score(
 
 @app.command("score")
 def score_cmd(
-    recipe: RecipeOpt, data: DataOpt, out: OutOpt, image_root: RootOpt = None, workers: WorkersOpt = 1,
-    executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
+    data: DataOpt, out: OutOpt, recipe: RecipeOpt = DEFAULT_RECIPE, image_root: RootOpt = None,
+    workers: WorkersOpt = 1, executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
+    allow_missing_images: AllowMissingOpt = False,
 ) -> None:
     """Score every record with the recipe's agents into OUT/scores.parquet (resumable)."""
-    run_score(recipe, data, out, image_root, workers, executor, ray_address)
+    run_score(
+        recipe, data, out, image_root, workers, executor, ray_address, allow_missing_images=allow_missing_images
+    )
 
 
 SELECT_HELP = {
     "budget": "samples to keep: a count, a percentage of the pool ('2.5%'), or 'all'",
-    "image_keep": "fraction of unique images kept by the visual stage (default 0.5)",
-    "visual_weights": "weights of the visual scores, e.g. 'sc=1,oa=1,dp=2' (default: equal)",
+    "image_keep": "fraction of unique images kept by the visual stage",
+    "visual_weights": "weights of the visual scores, e.g. 'dp=2' (families not named keep weight 1)",
     "text_only": "text-only samples: keep (compete on IM/PT) or drop",
-    "im_min": "drop samples with IM <= this ('off' disables; default 0)",
-    "pt_tail": "drop this top fraction of PT, the garbled tail (default 0.02)",
-    "pt_blend": "weight of PT in the instruction ranking (default 0: IM only)",
+    "im_min": "drop samples with IM <= this ('off' disables)",
+    "pt_tail": "drop this top fraction of PT, the garbled tail",
+    "pt_blend": "weight of PT in the instruction ranking (0: IM only)",
     "quota_field": "column whose values share the budget, e.g. meta.source",
     "quota_mode": "proportional (to the pool) or capped (at --quota-max-share)",
     "quota_min": "every quota value keeps at least this many samples",
     "quota_max_share": "capped mode: the most one value may take of the budget",
+    "dedupe": "drop samples whose image set and conversation repeat a better-ranked one",
     "max_per_image": "keep at most this many samples per image ('off': no cap)",
     "calibration_size": "rows (unique images for image scores) used to fit Shapley weights",
     "seed": "seed of the calibration sample and of Monte Carlo Shapley",
 }
+#: What `visa select` uses when neither the option nor the recipe's ``selection:`` section sets a value
+#: (the defaults of :class:`visa.selection.SelectionOptions`; a test keeps the two in step).
+SELECT_DEFAULTS = {
+    "budget": "all", "image_keep": "0.5", "visual_weights": "sc=1,oa=1,dp=1", "text_only": "keep", "im_min": "0",
+    "pt_tail": "0.02", "pt_blend": "0", "quota_field": "none", "quota_mode": "proportional", "quota_min": "1",
+    "quota_max_share": "0.5", "dedupe": "dedupe", "max_per_image": "off", "calibration_size": "1000", "seed": "0",
+}
 
 
-def _opt(name: str) -> Any:
-    return typer.Option("--" + name.replace("_", "-"), help=SELECT_HELP.get(name, ""))
+def _opt(name: str, *flags: str) -> Any:
+    """A `visa select` option: None when not given, so that the recipe's ``selection:`` value applies."""
+    return typer.Option(
+        *(flags or ("--" + name.replace("_", "-"),)), help=f"{SELECT_HELP[name]}  [default: {SELECT_DEFAULTS[name]}]"
+    )
 
 
 def run_select(run_dir: Path, overrides: dict[str, Any], write_records: bool = True) -> dict[str, Any]:
@@ -154,30 +229,40 @@ def select_cmd(
     quota_mode: Annotated[str | None, _opt("quota_mode")] = None,
     quota_min: Annotated[int | None, _opt("quota_min")] = None,
     quota_max_share: Annotated[float | None, _opt("quota_max_share")] = None,
-    dedupe: Annotated[bool | None, typer.Option("--dedupe/--no-dedupe", help="drop exact duplicates")] = None,
+    dedupe: Annotated[bool | None, _opt("dedupe", "--dedupe/--no-dedupe")] = None,
     max_per_image: Annotated[str | None, _opt("max_per_image")] = None,
     calibration_size: Annotated[int | None, _opt("calibration_size")] = None,
     seed: Annotated[int | None, _opt("seed")] = None,
-    no_records: Annotated[bool, typer.Option("--no-records", help="write selection.parquet only")] = False,
+    no_records: Annotated[
+        bool,
+        typer.Option("--no-records", help="write selection.parquet only (earlier record outputs and report are removed)"),
+    ] = False,
 ) -> None:
-    """Select a subset from scored RUN_DIR (model-free: reruns in seconds with other options)."""
+    """Select a subset from scored RUN_DIR (model-free: reruns in seconds with other options).
+
+    An option not given takes the value of the recipe's selection: section, else the default shown.
+    """
     overrides = {k: v for k, v in locals().items() if k not in {"run_dir", "no_records"}}
     run_select(run_dir, overrides, write_records=not no_records)
 
 
 @app.command("run")
 def run_cmd(
-    recipe: RecipeOpt,
     data: DataOpt,
     out: OutOpt,
-    budget: Annotated[str, _opt("budget")],
+    budget: Annotated[str, typer.Option("--budget", help=SELECT_HELP["budget"])],
+    recipe: RecipeOpt = DEFAULT_RECIPE,
     image_root: RootOpt = None,
     workers: WorkersOpt = 1,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
+    allow_missing_images: AllowMissingOpt = False,
 ) -> None:
-    """Score, then select BUDGET samples, then write the report."""
-    run_score(recipe, data, out, image_root, workers, executor, ray_address)
+    """Score, then select BUDGET samples, then write the report (every option is checked first)."""
+    run_score(
+        recipe, data, out, image_root, workers, executor, ray_address,
+        allow_missing_images=allow_missing_images, selection={"budget": budget},
+    )
     run_select(out, {"budget": budget})
     run_report(out)
 
@@ -215,7 +300,7 @@ def examples_dir() -> Path:
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="run folder")] = Path("runs/demo"),
-    recipe: Annotated[str, typer.Option("--recipe", "-r")] = "embedded",
+    recipe: RecipeOpt = DEFAULT_RECIPE,
     workers: WorkersOpt = 1,
     budget: Annotated[str, typer.Option("--budget", help="selection budget ('off': score only)")] = "50%",
 ) -> None:
@@ -224,8 +309,10 @@ def demo_cmd(
         examples = examples_dir()
     except FileNotFoundError as err:
         _fail(str(err))
-    run_score(recipe, examples / "llava.json", out, None, workers)
-    if budget.lower() not in {"none", "off"}:
+    selecting = budget.lower() not in {"none", "off"}
+    selection = {"budget": budget} if selecting else None
+    run_score(recipe, examples / "llava.json", out, None, workers, selection=selection)
+    if selecting:
         run_select(out, {"budget": budget})
         run_report(out)
 
@@ -242,6 +329,21 @@ def doctor_cmd() -> None:
 def version_cmd() -> None:
     """Print the version."""
     out.print(__version__)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Pick the most valuable samples of a visual instruction-tuning set (ViSA)."""
 
 
 def _register_subcommands() -> None:

@@ -167,6 +167,18 @@ def unique_image_rows(table: pa.Table, eligible: np.ndarray, codes: np.ndarray |
     return np.sort(first[first < table.num_rows])
 
 
+def unique_image_count(table: pa.Table) -> int:
+    """The one definition of "unique images" in run.json, summaries and the report: distinct
+    ``image_key`` values over the rows without an error. A multi-image sample's set of images counts
+    as one, as it does in fusion and in the selection's image stage (``image_keep``)."""
+    if "image_key" not in table.column_names:
+        return 0
+    keys = table.column("image_key")
+    if "error_kind" in table.column_names:
+        keys = keys.filter(pc.is_null(table.column("error_kind")))
+    return int(pc.count_distinct(keys, mode="only_valid").as_py())
+
+
 def image_codes(table: pa.Table) -> np.ndarray:
     """Integer code per row for ``image_key`` (first-appearance order), -1 for null."""
     encoded = pc.dictionary_encode(table.column("image_key")).combine_chunks()

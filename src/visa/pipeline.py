@@ -114,6 +114,7 @@ class ShardStats:
     records: int = 0
     skipped: bool = False
     errors: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, str] = field(default_factory=dict)  # the first error message of each kind
     malformed_lines: list[int] = field(default_factory=list)
     agents: dict[str, AgentStats] = field(default_factory=dict)
     seconds: float = 0.0
@@ -269,6 +270,7 @@ def prepare_shard(
 def _fail(row: dict[str, Any], stats: ShardStats, kind: str, message: str) -> None:
     row["error_kind"], row["error"] = kind, f"{kind}: {message}"
     stats.errors[kind] = stats.errors.get(kind, 0) + 1
+    stats.examples.setdefault(kind, row["error"])
 
 
 def commit_shard(work: WorkDir, prepared: PreparedShard, fingerprints: Sequence[str], seconds: float) -> ShardStats:

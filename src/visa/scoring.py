@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,13 @@ import pyarrow.compute as pc
 from visa import __version__
 from visa.assemble import assemble
 from visa.families import is_score
+from visa.fusion import unique_image_count
 from visa.pipeline import AgentStats, ShardStats, plan_agents
 from visa.progress import RunProgress
-from visa.readers import Input, duplicate_ids, open_input
+from visa.readers import Input, InputError, duplicate_ids, open_input
 from visa.recipe import Recipe, RecipeError
 from visa.run_folder import RunFolder, RunRecord
+from visa.samples import RawRecord
 from visa.store import WorkDir
 
 RECORDED_PACKAGES = (
@@ -37,11 +40,18 @@ class _Tally:
     shards: int = 0
     resumed: int = 0
     agents: dict[str, AgentStats] = field(default_factory=dict)
+    fresh_records: int = 0  # records of the shards scored by this call (not resumed)
+    missing: int = 0
+    missing_example: str | None = None
 
     def add(self, stats: ShardStats) -> None:
         self.shards = max(self.shards, stats.shard + 1)
         if stats.skipped:
             self.resumed += 1
+        else:
+            self.fresh_records += stats.records
+            self.missing += stats.errors.get("missing", 0)
+            self.missing_example = self.missing_example or stats.examples.get("missing")
         for column, agent_stats in stats.agents.items():
             self.agents.setdefault(column, AgentStats()).add(agent_stats)
 
@@ -90,6 +100,35 @@ def check_runnable(recipe: Recipe, *, reach: bool = True) -> None:
             raise RecipeError(f"recipe '{recipe.name}' cannot run here: {unreachable[0]}{more}")
 
 
+class MissingImages(InputError):
+    """Most records so far name image files that do not exist: almost always a wrong image root."""
+
+
+MISSING_SHARE = 0.5
+"""The run stops when more than this share of the records read so far have ``missing`` images."""
+
+
+def _missing_message(missing: int, rows: int, example: str | None, resumable: bool) -> str:
+    example = f" ({example.removeprefix('missing: ')})" if example else ""
+    tail = "; rerun with another --out" if resumable else ""
+    return (
+        f"{missing} of the first {rows} records name image files that do not exist{example}: pass the "
+        f"folder that holds them with --image-root (or --allow-missing-images to score anyway){tail}"
+    )
+
+
+def check_images_resolve(records: list[RawRecord], root: Path, recipe: Recipe) -> None:
+    """Before any model loads: read the first shard's image references (bytes only, no decoding) and
+    raise :class:`MissingImages` when more than half of its records name files that do not exist."""
+    from visa.images import ImageSource
+    from visa.pipeline import prepare_shard
+
+    rows = prepare_shard(0, records, ImageSource(root, recipe.images), frozenset()).rows
+    missing = [r for r in rows if r["error_kind"] == "missing"]
+    if rows and len(missing) > MISSING_SHARE * len(rows):
+        raise MissingImages(_missing_message(len(missing), len(rows), missing[0]["error"], False))
+
+
 def score(
     recipe: Recipe,
     data: Path,
@@ -99,9 +138,15 @@ def score(
     workers: int = 1,
     executor: Any = None,
     progress: RunProgress | None = None,
+    stop_on_missing: bool = True,
 ) -> dict[str, Any]:
     """Score ``data`` with ``recipe`` into ``run_dir``; returns the run record (also in run.json) as
-    a JSON-able dict."""
+    a JSON-able dict.
+
+    Raises InputError for an input without records and, with ``stop_on_missing``, :class:`MissingImages`
+    when more than half of the records read so far name image files that do not exist (checked on the
+    first shard before any model loads, then after every shard).
+    """
     started = time.perf_counter()
     progress = progress or RunProgress(None)
     if recipe.execution.hf_offline:
@@ -111,6 +156,12 @@ def score(
     inp = open_input(data)
     data = Path(data).resolve()
     root = Path(image_root).resolve() if image_root else (data if data.is_dir() else data.parent)
+    first_shard = list(islice(inp.iter_raw(), recipe.execution.shard_size))
+    if not first_shard:
+        raise InputError(f"{data}: the input holds no records")
+    if stop_on_missing:
+        check_images_resolve(first_shard, root, recipe)
+    del first_shard
     run_dir = Path(run_dir)
     folder = RunFolder(run_dir)
     work = WorkDir(run_dir)
@@ -136,6 +187,10 @@ def score(
     def on_shard(stats: ShardStats) -> None:
         tally.add(stats)
         progress.records(stats.records)
+        if stop_on_missing and tally.missing > MISSING_SHARE * tally.fresh_records:
+            raise MissingImages(
+                _missing_message(tally.missing, tally.fresh_records, tally.missing_example, True)
+            )
 
     scoring_started = time.perf_counter()
     executor.run(recipe, inp.iter_raw(), root, run_dir, duplicates, on_shard, progress.items)
@@ -162,7 +217,6 @@ def score(
     malformed_lines = sorted(line for m in markers for line in m["malformed_lines"])
     errors = Counter(k for k in table.column("error_kind").to_pylist() if k is not None)
     ok = table.filter(pc.is_null(table.column("error")))
-    keys = {k for ks in table.column("image_keys").to_pylist() for k in ks or ()}
     record = RunRecord.model_validate({
         "visa_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -188,7 +242,7 @@ def score(
         "counts": {
             "records": table.num_rows,
             "ok": ok.num_rows,
-            "unique_images": len(keys),
+            "unique_images": unique_image_count(table),
             "text_only": sum(1 for ks in ok.column("image_keys").to_pylist() if not ks),
             "errors": dict(sorted(errors.items())),
             "malformed": len(malformed_lines),

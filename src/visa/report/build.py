@@ -198,8 +198,8 @@ class _Builder:
         records = counts.get("records", d.n)
         ok = counts.get("ok", int(self.valid.sum()))
         unique = counts.get("unique_images")
-        if unique is None:
-            unique = int(np.unique(d.image_codes[d.image_codes >= 0]).size)
+        if unique is None:  # run.json without counts: the same definition as visa.fusion.unique_image_count
+            unique = int(np.unique(d.image_codes[self.valid & (d.image_codes >= 0)]).size)
         text_only = counts.get("text_only")
         if text_only is None:
             text_only = int((self.valid & (d.image_codes < 0)).sum())
@@ -374,7 +374,7 @@ class _Builder:
             q = np.percentile(v, [0, 5, 50, 95, 100])
             result["stats"] = [
                 ("samples with a value", fmt_int(v.size)),
-                *([("unique images", fmt_int(int(population.sum())))] if family.unit == "image" else []),
+                *([("unique images with a value", fmt_int(int(population.sum())))] if family.unit == "image" else []),
                 ("missing", fmt_int(int((self.valid & ~np.isfinite(values)).sum()))),
                 ("mean", fmt(v.mean())),
                 ("min · 5% · median · 95% · max", " · ".join(fmt(x) for x in q)),

@@ -1,0 +1,162 @@
+"""The command line: every mistake is one line and exit 2 before any model loads; help shows defaults."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from visa import __version__
+from visa.cli import SELECT_DEFAULTS, app
+from visa.selection import SelectionOptions
+
+runner = CliRunner()
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def dataset(folder: Path, n: int = 6, *, missing: int = 0) -> Path:
+    """``n`` LLaVA records on small images; the last ``missing`` of them name files that do not exist."""
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        name = f"img/{i}.png"
+        if i < n - missing:
+            Image.new("RGB", (16 + i, 12), (10 * i, 40, 90)).save(folder / name)
+        records.append({"id": f"r{i}", "image": name, "conversations": [
+            {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": f"Thing {i}."}]})
+    path = folder / "data.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def logging_recipe(tmp_path: Path) -> tuple[Path, Path]:
+    """A recipe whose one agent writes a file when it is set up (where a model would load)."""
+    log = tmp_path / "setup.log"
+    recipe = tmp_path / "logged.yaml"
+    recipe.write_text(
+        "name: logged\nexecution: {shard_size: 4}\nscores:\n  sc:\n    agents:\n"
+        f"      - {{name: width, type: 'agents_for_tests:SetupLog', params: {{setup_log: '{log}'}}}}\n"
+    )
+    return recipe, log
+
+
+def one_line_exit_2(code: int, stderr: str, *fragments: str, after_progress: bool = False) -> None:
+    """Exit 2 with one ``error:`` line; before any work (not ``after_progress``) nothing else."""
+    assert code == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    if after_progress:
+        lines = [line for line in lines if line.startswith("error")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr and "Value error" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_version_flag_and_command() -> None:
+    assert invoke("--version")[:2] == (0, f"{__version__}\n")
+    assert invoke("version")[:2] == (0, f"{__version__}\n")
+
+
+@pytest.mark.parametrize("command", ["score", "run", "select", "report", "demo", "bench noise"])
+def test_help_shows_defaults_and_plain_text(command: str) -> None:
+    code, text, _ = invoke(*command.split(), "--help")
+    assert code == 0
+    text = re.sub(r"\s+", " ", text)
+    if command in ("score", "run", "demo", "bench noise"):
+        assert "--recipe" in text and "[default: embedded]" in text
+    if command in ("score", "run"):
+        assert "visa[ray]" in text  # not eaten as markup
+    if command == "select":
+        assert text.count("[default: ") >= len(SELECT_DEFAULTS)
+
+
+def test_select_defaults_shown_are_the_options_defaults() -> None:
+    unset = {"budget": "all", "visual_weights": "sc=1,oa=1,dp=1", "quota_field": "none", "max_per_image": "off"}
+    for name, shown in SELECT_DEFAULTS.items():
+        default = SelectionOptions.model_fields[name].default
+        if default is None:
+            assert shown == unset[name], name
+        elif isinstance(default, bool):
+            assert shown == ("dedupe" if default else "no-dedupe"), name
+        elif isinstance(default, (int, float)):
+            assert float(shown) == default, name
+        else:
+            assert shown == default, name
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--budget", "2.5"], ["budget", "2.5"]),
+        (["--budget", "0"], ["budget", "nothing"]),
+        (["--budget", "0%"], ["budget", "nothing"]),
+        (["--budget", "10", "--image-root", "nowhere"], ["--image-root is not a folder"]),
+        (["--budget", "10", "--executor", "spark"], ["--executor"]),
+        (["--budget", "10", "--recipe", "embeded"], ["did you mean 'embedded'"]),
+    ],
+)
+def test_run_rejects_mistakes_before_any_model_loads(tmp_path: Path, extra: list[str], fragments: list[str]) -> None:
+    data = dataset(tmp_path / "d")
+    recipe, log = logging_recipe(tmp_path)
+    args = ["run", "--data", str(data), "--out", str(tmp_path / "run"), "--recipe", str(recipe), *extra]
+    if "--recipe" in extra:
+        args = [a for a in args if a != str(recipe)]
+        args.remove("--recipe")
+    code, _, err = invoke(*args)
+    one_line_exit_2(code, err, *fragments)
+    assert not log.exists() and not (tmp_path / "run").exists()
+
+
+def test_paths_are_checked_first(tmp_path: Path) -> None:
+    data = dataset(tmp_path / "d")
+    recipe, log = logging_recipe(tmp_path)
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["--data", str(tmp_path / "none.json"), "--out", str(tmp_path / "r")], ["input not found"]),
+        (["--data", str(tmp_path / "shards" / "*.tar"), "--out", str(tmp_path / "r")], ["no .tar shards"]),
+        (["--data", str(tmp_path / "file"), "--out", str(tmp_path / "r")], ["unsupported input format"]),
+        (["--data", str(data), "--out", str(tmp_path / "file")], ["exists and is not a folder"]),
+        (["--data", str(data), "--out", str(tmp_path / "file" / "r")], ["--out", "cannot create"]),
+    ]
+    for args, fragments in cases:
+        code, _, err = invoke("score", "--recipe", str(recipe), *args)
+        one_line_exit_2(code, err, *fragments)
+    assert not log.exists()
+
+
+def test_wrong_image_root_stops_before_models_with_a_hint(tmp_path: Path) -> None:
+    data = dataset(tmp_path / "d", n=8, missing=7)
+    recipe, log = logging_recipe(tmp_path)
+    code, _, err = invoke("score", "--recipe", str(recipe), "--data", str(data), "--out", str(tmp_path / "r"))
+    one_line_exit_2(code, err, "3 of the first 4 records", "img/1.png", "--image-root")
+    assert not log.exists() and not (tmp_path / "r").exists()
+
+    # a later shard that tips the share over one half stops the run too (the first shard was fine)
+    data = dataset(tmp_path / "e", n=8, missing=4)
+    code, _, err = invoke("score", "--recipe", str(recipe), "--data", str(data), "--out", str(tmp_path / "s"))
+    assert code == 0, err  # 4 of 8 is not more than half
+    data = dataset(tmp_path / "f", n=12, missing=7)
+    code, _, err = invoke("score", "--recipe", str(recipe), "--data", str(data), "--out", str(tmp_path / "t"))
+    one_line_exit_2(code, err, "7 of the first 12 records", "img/5.png", "--image-root", "another --out",
+                    after_progress=True)
+
+    code, _, err = invoke("score", "--recipe", str(recipe), "--data", str(data), "--out", str(tmp_path / "u"),
+                          "--allow-missing-images")
+    assert code == 0, err
+
+
+def test_empty_input_is_exit_2(tmp_path: Path) -> None:
+    recipe, log = logging_recipe(tmp_path)
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    code, _, err = invoke("score", "--recipe", str(recipe), "--data", str(tmp_path / "empty.jsonl"),
+                          "--out", str(tmp_path / "r"))
+    one_line_exit_2(code, err, "holds no records")
+    assert not log.exists()
