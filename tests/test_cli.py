@@ -160,3 +160,16 @@ def test_empty_input_is_exit_2(tmp_path: Path) -> None:
                           "--out", str(tmp_path / "r"))
     one_line_exit_2(code, err, "holds no records")
     assert not log.exists()
+
+
+def test_bench_noise_reads_input_through_the_tolerant_readers(tmp_path: Path) -> None:
+    from visa.bench.noise import BenchError, read_records
+
+    good = {"id": "a", "image": "x.png", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+    lines = [json.dumps(dict(good, id=f"r{i}")) for i in range(30)]
+    lines[21] = '{"id": "broken", "conversations": ['
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    records = read_records(tmp_path / "data.jsonl")
+    assert [r["id"] for r in records] == [f"r{i}" for i in range(30) if i != 21]
+    with pytest.raises(BenchError, match="not found"):
+        read_records(tmp_path / "none.jsonl")

@@ -25,6 +25,7 @@ def register(
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
+        rich_markup_mode=None,
     )
     out = Console(width=200)
 
@@ -37,7 +38,7 @@ def register(
     def noise_cmd(
         data: Annotated[
             Path,
-            typer.Option("--data", "-d", help="clean LLaVA .json/.jsonl (meta.kind 'clean' records, or all)"),
+            typer.Option("--data", "-d", help="clean LLaVA records in any input format visa reads (meta.kind 'clean' records, or all)"),
         ],
         out_dir: Annotated[
             Path, typer.Option("--out", "-o", help="folder for the pool, the run and the report")

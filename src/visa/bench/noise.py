@@ -250,21 +250,14 @@ class PoolOptions:
 
 
 def read_records(data: Path) -> list[dict[str, Any]]:
-    """A LLaVA-style ``.json`` array or ``.jsonl`` file as a list of records."""
-    data = Path(data)
-    if not data.is_file():
-        raise BenchError(f"input not found: {data}")
-    text = data.read_text(encoding="utf-8")
+    """The well-formed records of any input `visa score` reads, through the same tolerant readers:
+    a malformed record is skipped (as it would be an error row when scoring), not a failure."""
+    from visa.readers import InputError, open_input
+
     try:
-        if data.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
-    except ValueError as err:
-        raise BenchError(f"{data} is not valid JSON: {err}") from None
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise BenchError(f"{data} must hold a list of LLaVA records (objects)")
-    return records
+        return [raw.record for raw in open_input(Path(data)).iter_raw() if raw.record is not None]
+    except InputError as err:
+        raise BenchError(str(err)) from None
 
 
 def _first_image(record: Mapping[str, Any]) -> str | None:
