@@ -173,3 +173,29 @@ def test_bench_noise_reads_input_through_the_tolerant_readers(tmp_path: Path) ->
     assert [r["id"] for r in records] == [f"r{i}" for i in range(30) if i != 21]
     with pytest.raises(BenchError, match="not found"):
         read_records(tmp_path / "none.jsonl")
+
+
+def test_metadata_columns_are_meta_field_for_nested_meta_and_top_level_fields(tmp_path: Path) -> None:
+    from visa.assemble import meta_fields
+
+    assert meta_fields({"source": "coco", "meta": {"kind": "clean", "photo": ["a", "b"], "size": {"w": 3}}}) == {
+        "meta.source": "coco", "meta.kind": "clean", "meta.size.w": 3,
+    }
+    assert meta_fields({"kind": "top", "meta": {"kind": "inner"}}) == {"meta.kind": "inner"}
+    assert meta_fields({"meta": "plain"}) == {"meta.meta": "plain"}
+
+    data = dataset(tmp_path / "d", n=4)
+    records = json.loads(data.read_text())
+    for i, record in enumerate(records):
+        record["meta"] = {"kind": "photo" if i % 2 else "chart"}
+        record["source"] = f"s{i % 3}"
+    data.write_text(json.dumps(records))
+    recipe, _ = logging_recipe(tmp_path)
+    code, _, err = invoke("score", "--recipe", str(recipe), "--data", str(data), "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "r" / "scores.parquet")
+    assert table.column("meta.kind").to_pylist() == ["chart", "photo", "chart", "photo"]
+    assert table.column("meta.source").to_pylist() == ["s0", "s1", "s2", "s0"]
+    assert not [c for c in table.column_names if c.startswith("meta.meta")]

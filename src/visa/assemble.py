@@ -119,19 +119,37 @@ def _join(column: pa.ChunkedArray | pa.Array, kind: pa.DataType, index_lists: li
     return pa.array(values, type=kind, from_pandas=True)
 
 
+META_DICT = "meta"
+"""LLaVA-style records keep their metadata in a ``meta`` object; its fields become columns beside the
+record's other top-level fields."""
+
+
+def meta_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    """A sample's metadata as ``meta.<field>`` columns: the fields of its ``meta`` object and its other
+    top-level fields alike, scalar values only, one nested object level as ``meta.<field>.<sub>``.
+    When a field is both in ``meta`` and at the top level, the ``meta`` object's value is used."""
+    row: dict[str, Any] = {}
+    inner = meta.get(META_DICT)
+    fields = {k: v for k, v in meta.items() if not (k == META_DICT and isinstance(v, dict))}
+    if isinstance(inner, dict):
+        fields.update(inner)
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            for sub, nested in value.items():
+                if _scalar(nested):
+                    row[f"{META_PREFIX}{key}.{sub}"] = nested
+        elif _scalar(value):
+            row[f"{META_PREFIX}{key}"] = value
+    return row
+
+
 def _meta_columns(metas: list[str | None]) -> dict[str, pa.Array]:
-    """Scalar top-level metadata fields as ``meta.<field>``; one nested level as ``meta.<field>.<sub>``."""
+    """The ``meta.<field>`` columns of all samples (see :func:`meta_fields`); a field whose values
+    have different types across records becomes a string column."""
     flat: list[dict[str, Any]] = []
     names: dict[str, None] = {}
     for text in metas:
-        row: dict[str, Any] = {}
-        for key, value in (json.loads(text) if text else {}).items():
-            if isinstance(value, dict):
-                for sub, inner in value.items():
-                    if _scalar(inner):
-                        row[f"{META_PREFIX}{key}.{sub}"] = inner
-            elif _scalar(value):
-                row[f"{META_PREFIX}{key}"] = value
+        row = meta_fields(json.loads(text) if text else {})
         flat.append(row)
         names.update(dict.fromkeys(row))
     out: dict[str, pa.Array] = {}
