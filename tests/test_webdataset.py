@@ -230,6 +230,7 @@ def test_score_and_select_round_trip_on_shards(tmp_path: Path) -> None:
     assert record["input"]["format"] == "webdataset" and table.num_rows == 11
     assert table.column("error_kind").to_pylist() == [None] * 10 + ["truncated"]
     assert table.column("sample_id").to_pylist()[:3] == ["000", "001", "002"]
+    assert record["counts"]["unique_images"] == 10  # the truncated copy of an image is an error row
 
     # resume: a second run reuses every shard
     again = score(load_recipe(recipe_path), tmp_path / "wds", tmp_path / "run")
