@@ -175,6 +175,17 @@ def test_broken_members_become_one_error_record_each(tmp_path: Path) -> None:
     assert len(list(inp.iter_ids())) == 13
 
 
+def test_a_key_with_too_many_members_is_one_error_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import visa.readers.webdataset as wds
+
+    monkeypatch.setattr(wds, "MAX_SAMPLE_MEMBERS", 5)
+    members = [("a.json", as_json(llava("Q", "A")))] + [(f"a.{k}.txt", b"x") for k in range(20)]
+    write_tar(tmp_path / "s.tar", [*members, ("b.json", as_json(llava("Q", "A"))), ("b.jpg", jpeg(1))])
+    raws = list(open_input(tmp_path / "s.tar").iter_raw())
+    assert [r.error is None for r in raws] == [False, True]
+    assert "more than 5 members" in raws[0].error
+
+
 def test_write_subset_copies_selected_samples_as_shards(tmp_path: Path) -> None:
     shards = good_shards(tmp_path / "wds")
     inp = open_input(tmp_path / "wds")

@@ -17,7 +17,8 @@ A record without an ``id`` gets its key as ``id``.
 A sample that cannot be used becomes one error record naming its shard and member: a ``.json``
 that is missing, not valid UTF-8 JSON, not an object or too large; a member that is not a regular
 file (symlink, hard link, device), whose name is absolute or climbs with ``..``, or that is larger
-than ``max_member_bytes``; a shard that ends in the middle of a member (truncated). Reading goes on
+than ``max_member_bytes``; more than :data:`MAX_SAMPLE_MEMBERS` members under one key; a shard that
+ends in the middle of a member (truncated). Reading goes on
 with the next sample, or the next shard after a truncation.
 
 ``write_subset`` copies the members of the selected samples unchanged (names, bytes, modes) into
@@ -52,6 +53,8 @@ IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp"})
 RECORD_EXTENSION = "json"
 DEFAULT_MAX_MEMBER_BYTES = 200 << 20
 """An image member larger than this is not read: the sample becomes an error record."""
+MAX_SAMPLE_MEMBERS = 1024
+"""A sample with more members than this becomes an error record (its member list is not kept)."""
 SUBSET_FOLDER = "selected"
 SUBSET_SHARD_SAMPLES = 10_000
 SUBSET_SHARD_BYTES = 1 << 30
@@ -205,10 +208,14 @@ class WebDatasetInput(Input):
     def _add_member(
         self, tar: tarfile.TarFile, group: _Group, info: tarfile.TarInfo, extension: str, read: ReadPolicy
     ) -> None:
-        member = _Member(info, extension)
-        group.members.append(member)
         if group.problem is not None:
             return
+        if len(group.members) >= MAX_SAMPLE_MEMBERS:
+            group.problem = f"{group.where()}: the sample has more than {MAX_SAMPLE_MEMBERS} members"
+            group.members.clear()
+            return
+        member = _Member(info, extension)
+        group.members.append(member)
         problem = _unsafe(info)
         if problem is not None:
             group.problem = f"{group.where(info.name)}: {problem}"
