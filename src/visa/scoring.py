@@ -55,6 +55,12 @@ class _Tally:
         for column, agent_stats in stats.agents.items():
             self.agents.setdefault(column, AgentStats()).add(agent_stats)
 
+    def check_missing(self) -> None:
+        """Raise :class:`MissingImages` when more than half of the records scored so far have
+        ``missing`` images."""
+        if self.missing > MISSING_SHARE * self.fresh_records:
+            raise MissingImages(_missing_message(self.missing, self.fresh_records, self.missing_example, True))
+
 
 class _CountingIds:
     """Wraps an input so the id pre-pass also counts the records (for the progress bar's total)."""
@@ -117,6 +123,23 @@ def _missing_message(missing: int, rows: int, example: str | None, resumable: bo
     )
 
 
+def open_checked(
+    recipe: Recipe, data: Path, image_root: Path | None, *, stop_on_missing: bool
+) -> tuple[Input, Path, Path]:
+    """Open the input and check it before any model loads: it has records and (with
+    ``stop_on_missing``) the first shard's images mostly exist. Returns the input, the resolved data
+    path and the image root (``image_root``, else the data's folder)."""
+    inp = open_input(data)
+    data = Path(data).resolve()
+    root = Path(image_root).resolve() if image_root else (data if data.is_dir() else data.parent)
+    first_shard = list(islice(inp.iter_raw(), recipe.execution.shard_size))
+    if not first_shard:
+        raise InputError(f"{data}: the input holds no records")
+    if stop_on_missing:
+        check_images_resolve(first_shard, root, recipe)
+    return inp, data, root
+
+
 def check_images_resolve(records: list[RawRecord], root: Path, recipe: Recipe) -> None:
     """Before any model loads: read the first shard's image references (bytes only, no decoding) and
     raise :class:`MissingImages` when more than half of its records name files that do not exist."""
@@ -153,15 +176,7 @@ def score(
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
     check_runnable(recipe)
-    inp = open_input(data)
-    data = Path(data).resolve()
-    root = Path(image_root).resolve() if image_root else (data if data.is_dir() else data.parent)
-    first_shard = list(islice(inp.iter_raw(), recipe.execution.shard_size))
-    if not first_shard:
-        raise InputError(f"{data}: the input holds no records")
-    if stop_on_missing:
-        check_images_resolve(first_shard, root, recipe)
-    del first_shard
+    inp, data, root = open_checked(recipe, data, image_root, stop_on_missing=stop_on_missing)
     run_dir = Path(run_dir)
     folder = RunFolder(run_dir)
     work = WorkDir(run_dir)
@@ -187,10 +202,8 @@ def score(
     def on_shard(stats: ShardStats) -> None:
         tally.add(stats)
         progress.records(stats.records)
-        if stop_on_missing and tally.missing > MISSING_SHARE * tally.fresh_records:
-            raise MissingImages(
-                _missing_message(tally.missing, tally.fresh_records, tally.missing_example, True)
-            )
+        if stop_on_missing:
+            tally.check_missing()
 
     scoring_started = time.perf_counter()
     executor.run(recipe, inp.iter_raw(), root, run_dir, duplicates, on_shard, progress.items)
