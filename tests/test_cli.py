@@ -199,3 +199,75 @@ def test_metadata_columns_are_meta_field_for_nested_meta_and_top_level_fields(tm
     assert table.column("meta.kind").to_pylist() == ["chart", "photo", "chart", "photo"]
     assert table.column("meta.source").to_pylist() == ["s0", "s1", "s2", "s0"]
     assert not [c for c in table.column_names if c.startswith("meta.meta")]
+
+
+def scored_run(tmp_path: Path, n: int = 6) -> Path:
+    """A finished run with two image-level families (sc: image width, oa: brightness) and metadata."""
+    data = dataset(tmp_path / "d", n=n)
+    records = json.loads(data.read_text())
+    for i, record in enumerate(records):
+        record["meta"] = {"kind": "photo" if i % 2 else "chart"}
+        record["source"] = f"s{i % 3}"
+    data.write_text(json.dumps(records))
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(
+        "name: two\nexecution: {shard_size: 4}\nscores:\n"
+        "  sc:\n    agents: [{name: width, type: 'agents_for_tests:SetupLog'}]\n"
+        "  oa:\n    agents: [{name: light, type: 'agents_for_tests:MeanBrightness'}]\n"
+    )
+    code, _, err = invoke("score", "--recipe", str(recipe), "--data", str(data), "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    return tmp_path / "run"
+
+
+def test_select_option_mistakes_are_one_line(tmp_path: Path) -> None:
+    run = scored_run(tmp_path)
+    code, _, err = invoke("select", str(run), "--visual-weights", "dpp=2")
+    one_line_exit_2(code, err, "unknown visual family 'dpp'", "did you mean 'dp'")
+    code, _, err = invoke("select", str(run), "--budget", "3", "--quota-field", "meta.kin")
+    one_line_exit_2(code, err, "quota field 'meta.kin'", "did you mean 'meta.kind'",
+                    "metadata columns: meta.kind, meta.source")
+    code, _, err = invoke("select", str(run), "--budget", "0")
+    one_line_exit_2(code, err, "budget 0 selects nothing")
+    assert not (run / "selection.parquet").exists()
+
+
+def test_partial_visual_weights_keep_the_other_families(tmp_path: Path) -> None:
+    run = scored_run(tmp_path)
+    code, _, err = invoke("select", str(run), "--visual-weights", "oa=2", "--no-records")
+    assert code == 0, err
+    selection = json.loads((run / "run.json").read_text())["selection"]
+    assert selection["visual_weights"] == {"sc": 1.0, "oa": 2.0}
+    assert any("dp" in note for note in selection["notes"])  # a default family this run does not have
+
+
+def test_no_records_removes_what_described_the_previous_selection(tmp_path: Path) -> None:
+    run = scored_run(tmp_path)
+    code, _, err = invoke("select", str(run), "--budget", "4")
+    assert code == 0, err
+    (run / "report.html").write_text("<html>old</html>")
+    assert (run / "selected.json").is_file() and (run / "dataset_info.json").is_file()
+    code, _, err = invoke("select", str(run), "--budget", "2", "--no-records")
+    assert code == 0, err
+    assert sorted(p.name for p in run.iterdir()) == ["run.json", "scores.parquet", "selection.parquet", "work"]
+    notes = json.loads((run / "run.json").read_text())["selection"]["notes"]
+    assert any("report.html" in note and "selected.json" in note for note in notes)
+
+
+def test_nothing_selected_is_exit_2_with_the_reasons(tmp_path: Path) -> None:
+    data = dataset(tmp_path / "d", n=4, missing=4)
+    recipe, _ = logging_recipe(tmp_path)
+    code, _, err = invoke("run", "--recipe", str(recipe), "--data", str(data), "--out", str(tmp_path / "r"),
+                          "--budget", "2", "--allow-missing-images")
+    one_line_exit_2(code, err, "nothing selected from 4 rows (4 error)", after_progress=True)
+    assert (tmp_path / "r" / "selection.parquet").is_file() and not (tmp_path / "r" / "selected.json").exists()
+
+
+def test_run_checks_the_recipes_selection_section_before_scoring(tmp_path: Path) -> None:
+    data = dataset(tmp_path / "d")
+    recipe, log = logging_recipe(tmp_path)
+    recipe.write_text(recipe.read_text() + "selection: {visual_weights: {scc: 2}}\n")
+    code, _, err = invoke("run", "--recipe", str(recipe), "--data", str(data), "--out", str(tmp_path / "r"),
+                          "--budget", "2")
+    one_line_exit_2(code, err, "unknown visual family 'scc'", "did you mean 'sc'")
+    assert not log.exists() and not (tmp_path / "r").exists()

@@ -282,7 +282,8 @@ def test_pt_blend_changes_the_ranking_and_visual_weights_apply():
     plain, _, _ = run_select(table, budget=100)
     blended, _, _ = run_select(table, budget=100, pt_blend=0.5)
     assert plain.column("selected") != blended.column("selected")
-    only_dp, s_dp, fused_dp = run_select(table, budget=100, visual_weights={"dp": 1.0, "sc": 0.0})
+    # families not named keep weight 1, so "only dp" sets the other two to 0
+    only_dp, s_dp, fused_dp = run_select(table, budget=100, visual_weights={"dp": 1.0, "sc": 0.0, "oa": 0.0})
     assert s_dp["visual_weights"] == {"dp": 1.0}
     # the visual score is then dp's percentile over unique images
     keys = table.column("image_key").to_pylist()
@@ -297,7 +298,7 @@ def test_pt_blend_changes_the_ranking_and_visual_weights_apply():
         np.asarray(only_dp.column("visual_score").to_pylist(), dtype=float)[rows], expected
     )
     with pytest.raises(ValueError, match="at least one visual weight"):
-        SelectionOptions(visual_weights={"sc": 0.0})
+        SelectionOptions(visual_weights={"sc": 0.0, "oa": 0.0, "dp": 0.0})
     fused, shapley = fuse_scores(table)
     with pytest.raises(SelectionError, match="image-level"):
         select_table(fused, SelectionOptions(visual_weights={"im": 1.0}), shapley=shapley)

@@ -128,9 +128,17 @@ def prepare_score(
 def check_selection(recipe: Any, overrides: dict[str, Any]) -> None:
     """Validate selection options as `visa select` will resolve them (the recipe's ``selection:``
     section with ``overrides`` on top), so that a bad one fails before scoring starts."""
-    from visa.selection import resolve_options
+    from visa.families import VISUAL_FAMILIES
+    from visa.registry import did_you_mean
+    from visa.selection import SelectionError, resolve_options
 
-    resolve_options({"recipe": recipe.model_dump(mode="json")}, overrides)
+    options = resolve_options({"recipe": recipe.model_dump(mode="json")}, overrides)
+    known = sorted({*VISUAL_FAMILIES, *recipe.scores})
+    unknown = sorted(set(options.visual_weights or {}) - set(known))
+    if unknown:
+        raise SelectionError(
+            f"unknown visual family '{unknown[0]}'{did_you_mean(unknown[0], known)}; known: {', '.join(known)}"
+        )
 
 
 def run_score(

@@ -70,6 +70,7 @@ def _read_scores(
     families, units = run_families(run, schema)
     wanted = ["row", "sample_id", "image_key", "error_kind", TEXT_HASH]
     if options.quota_field:
+        check_quota_field(options.quota_field, schema.names)
         wanted.append(options.quota_field)
     for agents in families.values():
         wanted.extend(agents)
@@ -78,6 +79,46 @@ def _read_scores(
     columns = list(dict.fromkeys(c for c in wanted if c in schema.names))
     table = pq.read_table(path, columns=columns, memory_map=True)
     return table, families, units
+
+
+def check_quota_field(name: str, columns: list[str]) -> None:
+    """A SelectionError with a did-you-mean and the metadata columns there are, unless ``name`` is a
+    column of the score table."""
+    if name in columns:
+        return
+    from visa.registry import did_you_mean
+
+    meta = sorted(c for c in columns if c.startswith("meta."))
+    shown = ", ".join(meta[:20]) + (f" and {len(meta) - 20} more" if len(meta) > 20 else "")
+    raise SelectionError(
+        f"quota field '{name}' is not a column of the score table{did_you_mean(name, meta or columns)}; "
+        + (f"metadata columns: {shown}" if meta else "the records have no metadata columns")
+    )
+
+
+#: What a selection leaves in the run folder besides selection.parquet and run.json; all of it
+#: describes one selection, so a new selection removes what it does not rewrite.
+SUBSET_NAMES = ("selected.json", "selected.jsonl", "selected.parquet", "selected")
+
+
+def remove_stale_outputs(folder: RunFolder, *, keep_records: bool) -> list[str]:
+    """Remove the report and (unless ``keep_records``: they are about to be rewritten) the selected
+    records and the LLaMA-Factory entry of an earlier selection; returns the names removed."""
+    import shutil
+
+    stale = [folder.report]
+    if not keep_records:
+        stale += [folder.path / name for name in SUBSET_NAMES] + [folder.dataset_info]
+    removed = []
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(path.name)
+    return removed
 
 
 def open_source(run: RunRecord) -> Input:
@@ -124,6 +165,22 @@ def _write_records(
     summary["notes"].extend(entry_notes)
 
 
+def _note_removed(summary: dict[str, Any], removed: list[str]) -> None:
+    if removed:
+        summary["notes"].append(
+            f"removed what described the previous selection: {', '.join(removed)}"
+            + (" (run `visa report` for a new report)" if "report.html" in removed else "")
+        )
+
+
+def _nothing_selected(summary: dict[str, Any]) -> str:
+    dropped = ", ".join(f"{n} {reason}" for reason, n in summary["dropped"].items() if n)
+    return (
+        f"nothing selected from {summary['pool']} rows ({dropped or 'the score table is empty'}); "
+        "selection.parquet gives each row's reason"
+    )
+
+
 def _timed(timings: dict[str, float], name: str, started: float) -> None:
     timings[name] = time.perf_counter() - started
 
@@ -140,7 +197,10 @@ def select(
     Reads only ``scores.parquet`` and ``run.json`` (plus the input when ``write_records`` copies
     the selected records). Writes ``selection.parquet``; with ``write_records`` the selected
     records in the input's format and ``dataset_info.json``; with ``update_run`` merges
-    ``shapley`` and ``selection`` into run.json. Raises SelectionError for a bad run folder or options.
+    ``shapley`` and ``selection`` into run.json. What described an earlier selection and is not
+    rewritten (``report.html``; without ``write_records`` the selected records and the entry too) is
+    removed. Raises SelectionError for a bad run folder or options, and after writing
+    selection.parquet when nothing was selected.
     """
     folder = RunFolder(run_dir)
     run = read_run(run_dir)
@@ -177,7 +237,8 @@ def select(
     summary["outputs"] = {"selection": str(folder.selection)}
 
     result = SelectionResult(selection, summary, shapley, selected_rows, selection_path=folder.selection)
-    if source is not None:
+    _note_removed(summary, remove_stale_outputs(folder, keep_records=source is not None and selected_rows.size > 0))
+    if source is not None and selected_rows.size:
         t = time.perf_counter()
         _write_records(folder, run, source, result, summary)
         _timed(timings, "write_records", t)
@@ -186,6 +247,8 @@ def select(
         record.shapley = shapley
         record.selection = summary
         folder.write_record(record)
+    if not selected_rows.size:
+        raise SelectionError(_nothing_selected(summary))
     _timed(timings, "total", started)
     result.timings = timings
     return result

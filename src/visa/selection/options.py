@@ -86,6 +86,9 @@ def budget_rows(budget: int | str | None, pool: int) -> int | None:
     return int((pct * pool / 100).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
+_DEFAULT_WEIGHTS = {family: 1.0 for family in VISUAL_FAMILIES}
+
+
 class SelectionOptions(BaseModel):
     """Every knob of the selection; also the shape of a recipe's ``selection:`` section."""
 
@@ -99,7 +102,8 @@ class SelectionOptions(BaseModel):
     image_keep: float = Field(0.5, gt=0, le=1, description="fraction of unique images kept in stage 1")
     visual_weights: dict[str, float] | None = Field(
         None,
-        description="weights of the fused image-level families in the visual score; default equal sc/oa/dp",
+        description="weights of the fused image-level families in the visual score; families not named "
+        "keep their default weight 1 (sc, oa, dp)",
     )
     text_only: Literal["keep", "drop"] = Field(
         "keep", description="text-only samples bypass the image stage ('keep') or are dropped"
@@ -159,7 +163,7 @@ class SelectionOptions(BaseModel):
         for name, weight in value.items():
             if not (weight >= 0 and math.isfinite(weight)):
                 raise ValueError(f"visual weight of '{name}' must be a finite number >= 0")
-        if not any(w > 0 for w in value.values()):
+        if not any(w > 0 for w in {**_DEFAULT_WEIGHTS, **value}.values()):
             raise ValueError("at least one visual weight must be > 0")
         return dict(value)
 
@@ -174,8 +178,9 @@ class SelectionOptions(BaseModel):
         return budget_rows(self.budget, pool)
 
     def weights(self) -> dict[str, float]:
-        """The requested visual weights (default: the visual families, equal weights)."""
-        return dict(self.visual_weights or {family: 1.0 for family in VISUAL_FAMILIES})
+        """The visual weights: weight 1 for each default visual family, overridden or extended by
+        ``visual_weights`` (``dp=2`` keeps sc and oa at 1)."""
+        return {**_DEFAULT_WEIGHTS, **(self.visual_weights or {})}
 
 
 def resolve_options(run: Any, overrides: Mapping[str, Any] | None = None) -> SelectionOptions:

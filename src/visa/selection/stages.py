@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from visa.families import IM, PT, default_unit
+from visa.families import FAMILIES, IM, PT, VISUAL_FAMILIES, default_unit
 from visa.fusion import image_codes, renormalised_sum, score_families, unique_image_rows, weighted_raw
 from visa.selection.options import SelectionError, SelectionOptions
 from visa.selection.ranks import codes as value_codes
@@ -115,8 +115,24 @@ def initial_state(
 # ---------------------------------------------------------------------------------------------
 # Stage 1: images
 # ---------------------------------------------------------------------------------------------
+def _check_named_families(state: State) -> None:
+    """A family named in ``visual_weights`` must be a visual family or a family of this run (one
+    scored per sample is refused later, as not image-level); anything else is a typo
+    (SelectionError with a did-you-mean)."""
+    known = set(VISUAL_FAMILIES) | {f for f in state.names if f in FAMILIES or f in state.units}
+    unknown = sorted(set(state.options.visual_weights or {}) - known)
+    if unknown:
+        from visa.registry import did_you_mean
+
+        raise SelectionError(
+            f"unknown visual family '{unknown[0]}'{did_you_mean(unknown[0], sorted(known))}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+
+
 def _visual_weights(state: State) -> dict[str, float]:
     """The requested visual families present in the table, with their weights (> 0)."""
+    _check_named_families(state)
     requested = state.options.weights()
     weights = {f: float(w) for f, w in requested.items() if w > 0 and f in state.names}
     absent = [f for f, w in requested.items() if w > 0 and f not in state.names]
