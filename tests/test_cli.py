@@ -271,3 +271,23 @@ def test_run_checks_the_recipes_selection_section_before_scoring(tmp_path: Path)
                           "--budget", "2")
     one_line_exit_2(code, err, "unknown visual family 'scc'", "did you mean 'sc'")
     assert not log.exists() and not (tmp_path / "r").exists()
+
+
+def test_every_output_follows_the_umask(tmp_path: Path) -> None:
+    import os
+
+    data = dataset(tmp_path / "d")
+    recipe, _ = logging_recipe(tmp_path)
+    old = os.umask(0o027)
+    try:
+        code, _, err = invoke("run", "--recipe", str(recipe), "--data", str(data), "--out", str(tmp_path / "r"),
+                              "--budget", "3")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    paths = [tmp_path / "r", *(tmp_path / "r").rglob("*")]
+    assert {"scores.parquet", "run.json", "selection.parquet", "selected.json", "dataset_info.json",
+            "report.html"} <= {p.name for p in paths}
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in paths}
+    assert {m for p, m in modes.items() if (tmp_path / p).is_file()} == {0o640}, modes
+    assert {m for p, m in modes.items() if (tmp_path / p).is_dir()} == {0o750}, modes
