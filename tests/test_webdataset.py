@@ -175,6 +175,17 @@ def test_broken_members_become_one_error_record_each(tmp_path: Path) -> None:
     assert len(list(inp.iter_ids())) == 13
 
 
+def test_hostile_json_members_are_error_records(tmp_path: Path) -> None:
+    write_tar(tmp_path / "s.tar", [
+        ("a.json", b"[" * 200_000 + b"]" * 200_000),
+        ("b.json", b'{"id": ' + b"9" * 10_000 + b"}"),
+        ("c.json", as_json(llava("Q", "A"))), ("c.jpg", jpeg(2)),
+    ])
+    raws = list(open_input(tmp_path / "s.tar").iter_raw())
+    assert [r.record is not None for r in raws] == [False, False, True]
+    assert "nested too deeply" in raws[0].error and "b.json: unusable JSON" in raws[1].error
+
+
 def test_a_key_with_too_many_members_is_one_error_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import visa.readers.webdataset as wds
 

@@ -337,6 +337,10 @@ def _parse_record(member: _Member, group: _Group) -> dict[str, Any]:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
         raise BrokenSample(f"{where}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise BrokenSample(f"{where}: the JSON is nested too deeply") from None
+    except ValueError as err:  # e.g. an integer with more digits than Python converts
+        raise BrokenSample(f"{where}: unusable JSON: {err}") from None
     if not isinstance(obj, dict):
         raise BrokenSample(f"{where}: the record is a JSON {json_type_name(obj)}, expected an object")
     return obj
