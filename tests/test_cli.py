@@ -291,3 +291,34 @@ def test_every_output_follows_the_umask(tmp_path: Path) -> None:
     modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in paths}
     assert {m for p, m in modes.items() if (tmp_path / p).is_file()} == {0o640}, modes
     assert {m for p, m in modes.items() if (tmp_path / p).is_dir()} == {0o750}, modes
+
+
+def test_score_and_select_on_webdataset_shards_from_the_command_line(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    (tmp_path / "shards").mkdir()
+    for shard in range(2):
+        with tarfile.open(tmp_path / "shards" / f"train-{shard}.tar", "w") as tar:
+            for i in range(3):
+                key = f"{shard}{i:02d}"
+                buf = io.BytesIO()
+                Image.new("RGB", (10 + 5 * i + shard, 8), (30 * i, 90, 20)).save(buf, format="PNG")
+                record = {"conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                            {"from": "gpt", "value": f"Thing {key}."}]}
+                for name, data in ((f"{key}.json", json.dumps(record).encode()), (f"{key}.png", buf.getvalue())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    recipe, _ = logging_recipe(tmp_path)
+    for data in (str(tmp_path / "shards"), str(tmp_path / "shards" / "train-*.tar")):
+        out = tmp_path / ("run-glob" if "*" in data else "run-folder")
+        code, _, err = invoke("run", "--recipe", str(recipe), "--data", data, "--out", str(out), "--budget", "4")
+        assert code == 0, err
+        shards = sorted((out / "selected").glob("*.tar"))
+        with tarfile.open(shards[0]) as tar:
+            names = tar.getnames()
+        selected = json.loads((out / "run.json").read_text())["selection"]["selected"]
+        assert selected == 3  # half of the 6 images survive the image stage
+        assert len(names) == 2 * selected and {n.rsplit(".", 1)[1] for n in names} == {"json", "png"}
+        assert not (out / "dataset_info.json").exists()
