@@ -47,7 +47,7 @@ def register(
             str, typer.Option("--recipe", "-r", help="bundled recipe name or YAML path")
         ] = "embedded",
         image_root: Annotated[
-            Path | None, typer.Option("--image-root", help="folder image paths resolve under")
+            Path | None, typer.Option("--image-root", help="folder image paths resolve under (default: the data's folder)")
         ] = None,
         seed: Annotated[int, typer.Option("--seed", help="seed of the pool and the random baseline")] = 0,
         budget: Annotated[
@@ -67,9 +67,9 @@ def register(
             str, typer.Option("--kinds", help="comma-separated noise kinds to inject")
         ] = "misaligned,blank,blur,thumbnail,noise,jpeg,text_only",
         max_clean: Annotated[
-            int | None, typer.Option("--max-clean", min=2, help="use at most this many clean records")
+            int | None, typer.Option("--max-clean", min=2, help="use at most this many clean records (default: all)")
         ] = None,
-        workers: Annotated[int, typer.Option("--workers", "-w", min=1)] = 1,
+        workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="worker processes for the local executor")] = 1,
     ) -> None:
         """Inject labelled noise into clean data, score and select it, and rate every signal by AUROC and precision."""
         from visa.bench.noise import PoolOptions, breakdown_markdown, rich_table, run_noise
@@ -119,9 +119,9 @@ def register(
             str, typer.Option("--recipe", "-r", help="bundled recipe name or YAML path")
         ] = "embedded",
         image_root: Annotated[
-            Path | None, typer.Option("--image-root", help="folder image paths resolve under")
+            Path | None, typer.Option("--image-root", help="folder image paths resolve under (default: the data's folder)")
         ] = None,
-        workers: Annotated[int, typer.Option("--workers", "-w", min=1)] = 1,
+        workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="worker processes for the local executor")] = 1,
         ratios: Annotated[
             bool, typer.Option("--ratios", help="also rerun the cheap naive-vs-optimised benchmarks")
         ] = False,
