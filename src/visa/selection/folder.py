@@ -165,11 +165,11 @@ def _write_records(
     summary["notes"].extend(entry_notes)
 
 
-def _note_removed(summary: dict[str, Any], removed: list[str]) -> None:
+def _note_removed(summary: dict[str, Any], folder: RunFolder, removed: list[str]) -> None:
     if removed:
         summary["notes"].append(
             f"removed what described the previous selection: {', '.join(removed)}"
-            + (" (run `visa report` for a new report)" if "report.html" in removed else "")
+            + (" (run `visa report` for a new report)" if folder.report.name in removed else "")
         )
 
 
@@ -237,7 +237,8 @@ def select(
     summary["outputs"] = {"selection": str(folder.selection)}
 
     result = SelectionResult(selection, summary, shapley, selected_rows, selection_path=folder.selection)
-    _note_removed(summary, remove_stale_outputs(folder, keep_records=source is not None and selected_rows.size > 0))
+    stale = remove_stale_outputs(folder, keep_records=source is not None and selected_rows.size > 0)
+    _note_removed(summary, folder, stale)
     if source is not None and selected_rows.size:
         t = time.perf_counter()
         _write_records(folder, run, source, result, summary)
