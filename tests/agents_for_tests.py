@@ -52,6 +52,36 @@ class AnswerLength(Agent):
         ]
 
 
+class Follower(Agent):
+    """An image agent that reads other image agents' columns (``reads``) through ``needs``.
+
+    ``score`` is the sum of the values it was handed plus ``offset``; ``seen`` is that sum alone. An
+    image whose upstream value is missing becomes an error result.
+    """
+
+    unit = Unit.IMAGE
+    outputs = {"score": pa.float64(), "seen": pa.float64()}
+
+    class Params(AgentParams):
+        reads: tuple[str, ...] = ("light.mean",)
+        offset: float = 0.0
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.needs = tuple(self.params.reads)
+
+    def score_batch(self, items):
+        out = []
+        for item in items:
+            values = [item.context.get(column) for column in self.needs]
+            if any(v is None for v in values):
+                out.append(ValueError("no upstream value"))
+                continue
+            seen = float(sum(values))
+            out.append({"score": seen + self.params.offset, "seen": seen})
+        return out
+
+
 def _count_call(n: int, path: str = "") -> None:
     path = path or os.environ.get("VISA_TEST_CALL_LOG", "")
     if path:

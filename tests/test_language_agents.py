@@ -412,16 +412,11 @@ def test_judge_generate_keeps_raw_and_parses_the_final_score() -> None:
 def test_judge_likelihood_over_a_verbalized_image(tiny_backend) -> None:
     from PIL import Image
 
-    class Tagger:  # a describer stand-in: an image agent's outputs for the judge to verbalise
-        def score_batch(self, items):
-            return [{"labels": ["tabby"], "top_labels": ["tabby", "dog"], "top_probs": [0.9, 0.05]} for _ in items]
-
-        def teardown(self):
-            pass
-
-    judge = JudgeAgent(JudgeAgent.Params(examples=False), backend=tiny_backend, describers=[("oa.tagger", Tagger())])
+    # the tagger's outputs for the judge to verbalise, as the pipeline hands them over (its needs)
+    tagger = {"oa.tagger.labels": ["tabby"], "oa.tagger.top_labels": ["tabby", "dog"], "oa.tagger.top_probs": [0.9, 0.05]}
+    judge = JudgeAgent(JudgeAgent.Params(examples=False), backend=tiny_backend)
     assert judge.mode == "likelihood" and judge.verbalized
-    result = judge.score_batch([ImageItem("i", Image.new("RGB", (8, 8)))])[0]
+    result = judge.score_batch([ImageItem("i", Image.new("RGB", (8, 8)), context=tagger)])[0]
     assert 1.0 <= result["score"] <= 5.0
     probs = [float(p) for p in result["raw"].split("=")[1].split()]
     assert len(probs) == 5 and sum(probs) == pytest.approx(1.0, abs=2e-3)

@@ -210,6 +210,27 @@ def test_test_agents_with_needs_and_errors_same_table_as_local(ray_address, tmp_
     assert sum(pq.read_metadata(f).num_rows for f in files) == stored.num_rows == 8  # 7 gradients + dark
 
 
+@pytest.mark.timeout(90)
+def test_image_agent_reading_image_agents_in_earlier_pools(ray_address, tmp_path):
+    from test_needs import chain_recipe
+
+    data = _awkward_dataset(tmp_path / "d")
+    text = chain_recipe(tmp_path).read_text().replace("{batch_size: 3}", "{batch_size: 3, fail_on_dark: true}")
+    recipe = with_shard_size(load_recipe(write_recipe(tmp_path / "chain-dark.yaml", text)), 4)
+    score(recipe, data, tmp_path / "local")
+    executor = ray_executor()
+    # one pool per agent; the reader's pool comes after the pools of the agents it needs
+    assert [p.columns for p in executor.placements(recipe)] == [("light.mean",), ("image.stats",), ("follow.sum",)]
+    record = score(recipe, data, tmp_path / "ray", executor=executor)
+    rows = table_of(tmp_path / "ray")
+    assert rows == table_of(tmp_path / "local")
+    good = [r for r in rows if r["light.mean"] is not None]
+    assert len(good) == 15
+    for r in good:  # the values crossed from the earlier pools with the shard, or from the store
+        assert r["follow.sum.seen"] == pytest.approx(r["light.mean"] + r["image.stats"])
+    assert record["timings"]["agents"]["follow.sum"]["items"] == 8  # 7 gradients and dark (an error there), once each
+
+
 DRIVER = """
 import sys
 from pathlib import Path

@@ -5,7 +5,8 @@ Data flow for one shard of raw records::
     RawRecord -> normalize -> Sample -> sample_id           (malformed records become error rows)
               -> ImageSource.read_bytes -> image_key         (missing/escaping/too-large: error rows)
     unique image keys not yet in the store
-              -> decode (once per key) -> image agents       (results keyed by image_key)
+              -> decode (once per key) -> image agents       (results keyed by image_key; an agent
+                                                        runs after the image agents it needs)
     samples with usable images
               -> sample agents (context from image agents)   (results keyed by a sample hash)
     -> WorkDir: agent results, then sample rows, then the shard's completion marker
@@ -31,7 +32,7 @@ import pyarrow as pa
 
 from visa.agents.base import Agent, ImageItem, Result, SampleItem, Unit
 from visa.images import ImageError, ImageLimits, ImageSource, decode_image, image_key
-from visa.recipe import BoundAgent, Recipe, RecipeError
+from visa.recipe import BoundAgent, Recipe
 from visa.samples import RawRecord, RecordError, Sample, normalize, sample_id, stable_hash
 from visa.store import ResultIndex, WorkDir, fingerprint
 
@@ -73,17 +74,16 @@ class PlannedAgent:
 
 
 def plan_agents(recipe: Recipe) -> tuple[list[PlannedAgent], dict[str, Any]]:
-    """Fingerprint every agent of the recipe (upstream fingerprints included) and the image decoder."""
+    """Fingerprint every agent of the recipe (upstream fingerprints included) and the image decoder.
+
+    Agents come in the order they run (:meth:`Recipe.build_agents`: every image agent after the
+    image agents it needs), so each agent's upstream is planned before it.
+    """
     planned: list[PlannedAgent] = []
     by_column: dict[str, tuple[PlannedAgent, str]] = {}
     for bound in recipe.build_agents():
         needs: dict[str, tuple[str, str]] = {}
         for column in bound.agent.needs:
-            if column not in by_column:
-                raise RecipeError(
-                    f"agent {bound.column} needs column '{column}', which no image agent of recipe "
-                    f"'{recipe.name}' produces"
-                )
             upstream, field_name = by_column[column]
             needs[column] = (upstream.fingerprint, field_name)
         identity = {**bound.agent.identity(), "needs": {c: fp for c, (fp, _) in sorted(needs.items())}}
@@ -328,11 +328,11 @@ class AgentGroup:
         self.decode_fp = decode_fp
         self.limits = limits
         self.refresh = refresh
-        #: fields of member image agents that some sample agent of the recipe reads (sent with the shard)
+        #: fields of member image agents that some agent of the recipe reads (sent with the shard)
         self.produce = {
             fp: names for fp, names in needed_fields(planned).items() if fp in {m.fingerprint for m in self.members}
         }
-        reads = needed_fields([m for m in self.members if m.agent.unit == Unit.SAMPLE])
+        reads = needed_fields(self.members)
         own = [m.fingerprint for m in self.members] + [decode_fp]
         self.index: dict[str, ResultIndex] = {
             fp: ResultIndex(work, fp, reads.get(fp, ())) for fp in dict.fromkeys([*own, *reads])
@@ -353,7 +353,9 @@ class AgentGroup:
             planned.agent.teardown()
 
     def run(self, prepared: PreparedShard, progress: ProgressHook | None = None) -> None:
-        """Run the group's agents over one shard and store their results (image agents first)."""
+        """Run the group's agents over one shard and store their results: image agents first, each
+        after the image agents it needs (their values reach it through ``ImageItem.context``), then
+        sample agents."""
         self._refreshed = set()
         if self.refresh:
             for fp in self._own:
@@ -423,7 +425,7 @@ class AgentGroup:
                 wanted = [k for k in part if k in images and k not in self.index[planned.fingerprint]]
                 if not wanted:
                     continue
-                items = [ImageItem(key=k, image=images[k]) for k in wanted]
+                items = [ImageItem(key=k, image=images[k], context=self._context(planned, k, prepared)) for k in wanted]
                 table = self._score(planned, wanted, items, stats)
                 produced[planned.fingerprint].append(table)
                 self._remember(planned, table, prepared)
@@ -476,22 +478,26 @@ class AgentGroup:
             self._refreshed.add(fp)
         return index.values.get(key)
 
+    def _context(self, planned: PlannedAgent, key: str | None, prepared: PreparedShard) -> dict[str, Any]:
+        """The values of the columns ``planned`` needs for image ``key`` (None where there is none)."""
+        context: dict[str, Any] = {}
+        for column, (fp, field_name) in planned.needs.items():
+            values = self._upstream(fp, key, prepared) if key else None
+            context[column] = values.get(field_name) if values else None
+        return context
+
     def _sample_item(
         self, planned: PlannedAgent, row: dict[str, Any], sample: Sample, images: dict[str, Any],
         prepared: PreparedShard,
     ) -> SampleItem:
         first = row["image_keys"][0] if row["image_keys"] else None
-        context: dict[str, Any] = {}
-        for column, (fp, field_name) in planned.needs.items():
-            values = self._upstream(fp, first, prepared) if first else None
-            context[column] = values.get(field_name) if values else None
         return SampleItem(
             key=row["sample_key"],
             sample_id=row["sample_id"],
             turns=sample.turns,
             images=tuple(images[k] for k in row["image_keys"]) if planned.agent.uses_images else (),
             image_keys=tuple(row["image_keys"]),
-            context=context,
+            context=self._context(planned, first, prepared),
         )
 
 

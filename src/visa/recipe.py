@@ -14,9 +14,10 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from visa.agents.base import Agent, Unit
+from visa.agents.base import Agent
 from visa.families import NAME as SCORE_NAME
 from visa.images import ImageLimits
+from visa.needs import NeedsError, order_by_needs
 from visa.registry import AGENTS, UnknownName, agent_class, did_you_mean, is_known
 from visa.selection.options import SelectionOptions
 
@@ -97,7 +98,9 @@ class Recipe(_Strict):
         return scores
 
     def build_agents(self) -> list[BoundAgent]:
-        """Instantiate every agent (cheap: no model loading), image agents first, in recipe order."""
+        """Instantiate every agent (cheap: no model loading) in the order they run: image agents
+        first, each after the image agents it ``needs`` (:mod:`visa.needs`), then sample agents, in
+        recipe order where the needs leave a choice. A need that cannot be met is a RecipeError."""
         bound: list[BoundAgent] = []
         for score, spec in self.scores.items():
             for agent_spec in spec.agents:
@@ -110,8 +113,10 @@ class Recipe(_Strict):
                         + _first_error(err, cls.Params)
                     ) from None
                 bound.append(BoundAgent(score, agent_spec.name, cls(params)))
-        bound.sort(key=lambda b: b.agent.unit != Unit.IMAGE)
-        return bound
+        try:
+            return order_by_needs(bound, self.name)
+        except NeedsError as err:
+            raise RecipeError(str(err)) from None
 
 
 class BoundAgent:

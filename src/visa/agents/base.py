@@ -59,10 +59,16 @@ class Resources:
 
 @dataclass(frozen=True, slots=True)
 class ImageItem:
-    """One unique image. ``key`` is its content hash."""
+    """One unique image. ``key`` is its content hash.
+
+    ``context`` holds the values of the columns the agent listed in ``needs`` for this image (e.g.
+    ``{"oa.tagger.top_labels": [...]}``), computed by those image agents before this one runs; a
+    missing value (the upstream agent failed on the image) is None.
+    """
 
     key: str
     image: Image.Image
+    context: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +105,9 @@ class Agent(ABC):
     outputs: ClassVar[dict[str, pa.DataType]] = {"score": pa.float64()}
     #: Extra fields ``finalize`` adds (usually ``score`` for pool-dependent agents).
     finalized_outputs: ClassVar[dict[str, pa.DataType]] = {}
-    #: Columns of other agents this agent reads through ``SampleItem.context``.
+    #: Columns of image agents this agent reads through ``ImageItem.context`` / ``SampleItem.context``
+    #: (``<score>.<agent>`` or ``<score>.<agent>.<field>``). The pipeline runs an image agent after the
+    #: image agents it needs; a need no image agent meets, or a cycle, fails when the recipe loads.
     needs: ClassVar[tuple[str, ...]] = ()
     #: Sample agents that never look at pixels (e.g. they read ``context`` only) set this to False,
     #: so the executor does not decode images for them.

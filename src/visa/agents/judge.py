@@ -13,9 +13,12 @@ unique image. Two modes:
   always yields a score and suits small models, which rarely follow the answer format.
 
 Image input: ``pixels`` sends the image with the prompt; ``verbalized`` (the embedded recipe) sends a
-text description instead. An image agent receives no other agent's outputs, so in that mode the
-judge runs its own *describers*, image agents that the recipe also uses (default: the ``tagger``
-and ``image_stats`` agents), and verbalises their results (:mod:`visa.agents.verbalize`).
+text description instead, written (:mod:`visa.agents.verbalize`) from the results of other image
+agents of the recipe that the judge ``needs``: the columns of its ``evidence`` parameter (default:
+the tagger's labels and the image statistics, ``oa.tagger.*`` and ``image.stats*``). The pipeline
+runs those agents first and hands their values over in ``ImageItem.context``, so nothing is
+computed twice; a recipe without them fails when it is loaded (or set ``evidence`` to the columns
+it has).
 
 Honest limits: with the embedded backend the judge is a 135M-parameter text model reading a few
 classifier labels and image statistics. It can tell "a plain texture with no labels" from "a scene
@@ -26,11 +29,11 @@ as one weak vote that Shapley fusion weighs against SC and OA, not as an MLLM's 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from visa.agents.base import Agent, AgentParams, ImageItem, Resources, Result, Unit
 from visa.agents.dp_parser import parse_final_score
@@ -41,22 +44,8 @@ from visa.backends.base import AnswerLogprobsRequest, Backend, GenerateRequest, 
 from visa.backends.registry import BackendSpec
 from visa.samples import Turn
 
-
-class Describer(BaseModel):
-    """An image agent the judge runs itself; its outputs appear as ``<score>.<name>[.<field>]``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    score: str
-    name: str
-    type: str
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-DEFAULT_DESCRIBERS = (
-    Describer(score="oa", name="tagger", type="tagger"),
-    Describer(score="image", name="stats", type="image_stats"),
-)
+#: What the judge reads by default: the tagger's labels and the image statistics (no OCR, no regions).
+JUDGE_EVIDENCE = EvidenceColumns(ocr_text=None, ocr_boxes=None, regions=None)
 
 
 class JudgeAgent(Agent):
@@ -71,23 +60,25 @@ class JudgeAgent(Agent):
         language: Literal["en", "zh"] = "en"
         examples: bool = Field(True, description="include the five worked examples in the prompt")
         max_new_tokens: int = Field(512, ge=8)
-        describers: tuple[Describer, ...] = DEFAULT_DESCRIBERS
-        evidence: EvidenceColumns = Field(default_factory=EvidenceColumns)
+        evidence: EvidenceColumns = Field(
+            default_factory=lambda: JUDGE_EVIDENCE,
+            description="columns of other image agents verbalised for a text-only judge (its needs)",
+        )
         verbalization: VerbalizeOptions = Field(default_factory=VerbalizeOptions)
 
     params: Params
     unit = Unit.IMAGE
     outputs = {"score": pa.float64(), "raw": pa.string(), "parse_error": pa.string()}
 
-    def __init__(self, params: Params | None = None, *, backend: Backend | None = None,
-                 describers: Sequence[tuple[str, Agent]] | None = None):
+    def __init__(self, params: Params | None = None, *, backend: Backend | None = None):
         super().__init__(params)
         text_only = not self.params.backend.capabilities().sees_images
         self.mode = self.params.mode if self.params.mode != "auto" else ("likelihood" if text_only else "generate")
         self.verbalized = self.params.image_input == "verbalized" or (self.params.image_input == "auto" and text_only)
+        # Instance attribute: what the judge reads depends on its parameters.
+        self.needs = self.params.evidence.columns() if self.verbalized else ()
         self._backend = backend
         self._owns_backend = backend is None
-        self._describers: list[tuple[str, Agent]] | None = list(describers) if describers is not None else None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -95,30 +86,14 @@ class JudgeAgent(Agent):
             self._backend = shared_engines.acquire(self.params.backend)  # set up once per process
         elif not self._owns_backend:
             self._backend.setup()
-        if self.verbalized and self._describers is None:
-            from visa.registry import agent_class
-
-            self._describers = []
-            for spec in self.params.describers:
-                cls = agent_class(spec.type)
-                if cls.unit != Unit.IMAGE:
-                    raise ValueError(f"describer '{spec.type}' is not an image agent")
-                agent = cls(cls.Params(**spec.params))
-                agent.setup()
-                self._describers.append((f"{spec.score}.{spec.name}", agent))
 
     def teardown(self) -> None:
         if self._backend is not None and self._owns_backend:
             shared_engines.release(self._backend)
             self._backend = None
-        for _, agent in self._describers or []:
-            agent.teardown()
 
     def models(self) -> dict[str, str]:
-        found = dict(self._backend.models()) if self._backend is not None else {}
-        for _, agent in self._describers or []:
-            found.update(agent.models())
-        return found
+        return dict(self._backend.models()) if self._backend is not None else {}
 
     def resources(self) -> Resources:
         return Resources(cpus=1.0, gpus=self.params.backend.capabilities().gpus)
@@ -134,23 +109,14 @@ class JudgeAgent(Agent):
         return system_prompt(self.params.language, examples=self.params.examples)
 
     def descriptions(self, items: Sequence[ImageItem]) -> list[str | Exception]:
-        """Verbalised evidence per image, from the describers' results."""
-        contexts: list[dict[str, Any]] = [{} for _ in items]
-        failures: list[Exception | None] = [None] * len(items)
-        for column, agent in self._describers or []:
-            for i, result in enumerate(agent.score_batch(items)):
-                if isinstance(result, Exception):
-                    failures[i] = failures[i] or result
-                    continue
-                for field_name, value in result.items():
-                    contexts[i][column if field_name == "score" else f"{column}.{field_name}"] = value
+        """Verbalised evidence per image, from the needed agents' values in ``ImageItem.context``."""
         out: list[str | Exception] = []
-        for context, failure in zip(contexts, failures, strict=True):
-            text = verbalize(gather(context, self.params.evidence), self.params.verbalization)
-            if text:
-                out.append(text)
-            else:
-                out.append(failure or ValueError("the describers found nothing to describe"))
+        for item in items:
+            text = verbalize(gather(item.context, self.params.evidence), self.params.verbalization)
+            out.append(text or ValueError(
+                f"nothing to describe: no evidence in {', '.join(self.needs)} (those agents found nothing "
+                "or failed on this image)"
+            ))
         return out
 
     def user_message(self, item: ImageItem, description: str | None) -> Message:

@@ -2,8 +2,8 @@
 
 The embedded recipe has no vision-language model. Its language agents (PT, IM, DP over
 :class:`~visa.backends.embedded_lm.EmbeddedLMBackend`, and the MiniLM similarity agent) read the
-image through the outputs of the visual agents instead, which reach a sample agent through
-``needs`` + ``SampleItem.context``:
+image through the outputs of the visual agents instead, which reach them through ``needs`` +
+``SampleItem.context`` (``ImageItem.context`` for the judge, itself an image agent):
 
 =================  ======================================  ========================================
 evidence           default column                          meaning
