@@ -67,6 +67,11 @@ class ScoreSpec(_Strict):
 class ExecutionSpec(_Strict):
     shard_size: int = Field(256, ge=1, description="records per shard (the unit of resume)")
     hf_offline: bool = Field(True, description="set HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE for the run")
+    threads: int = Field(
+        1, ge=1, le=256,
+        description="CPU threads of every model in each worker (torch, ONNX Runtime); fixed, so that two "
+        "runs give identical tables (see visa.threads); use --workers for more cores",
+    )
 
 
 class Recipe(_Strict):

@@ -52,6 +52,9 @@ ImageInput = Literal["auto", "pixels", "verbalized"]
 
 
 class LikelihoodParams(AgentParams):
+    #: Samples per backend call: the backend shares prefixes (system prompt, one image's description)
+    #: and batches forwards within a call only, so a call should hold a whole chunk of samples.
+    batch_size: int = 64
     backend: BackendSpec = Field(default_factory=lambda: BackendSpec(type="embedded_lm"))
     image_input: ImageInput = "auto"
     evidence: EvidenceColumns = Field(default_factory=EvidenceColumns)

@@ -52,6 +52,8 @@ class JudgeAgent(Agent):
     """DP judge over any backend; see the module docstring for the modes."""
 
     class Params(AgentParams):
+        #: Images per backend call: the rubric (~860 tokens) is run once per call and shared by its images.
+        batch_size: int = 16
         backend: BackendSpec = Field(default_factory=lambda: BackendSpec(type="embedded_lm"))
         mode: Literal["auto", "generate", "likelihood"] = Field(
             "auto", description="auto: likelihood for a text-only backend, generate for one that sees images"

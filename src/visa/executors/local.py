@@ -1,10 +1,9 @@
 """The local executor: shards run in this process, or in ``workers`` processes (spawned, each with its
-agents set up once). Never imports Ray."""
+agents set up once), every worker on the recipe's ``execution.threads`` CPU threads. Never imports Ray."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -13,21 +12,18 @@ from visa.executors import iter_shards
 from visa.pipeline import ProgressHook, ShardProcessor, ShardStats
 from visa.recipe import Recipe
 from visa.samples import RawRecord
+from visa.threads import set_threads, worker_threads
 
 ShardHook = Callable[[ShardStats], None]
 
 _worker: ShardProcessor | None = None
 
 
-def _init_worker(recipe_json: str, image_root: str, run_dir: str, duplicates: frozenset[str], threads: int) -> None:
+def _init_worker(recipe_json: str, image_root: str, run_dir: str, duplicates: frozenset[str]) -> None:
     global _worker
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except ImportError:
-        pass
-    _worker = ShardProcessor(Recipe.model_validate_json(recipe_json), Path(image_root), Path(run_dir), duplicates)
+    recipe = Recipe.model_validate_json(recipe_json)
+    set_threads(recipe.execution.threads)
+    _worker = ShardProcessor(recipe, Path(image_root), Path(run_dir), duplicates)
     _worker.setup()
 
 
@@ -55,20 +51,20 @@ class LocalExecutor:
         probe = ShardProcessor(recipe, image_root, run_dir, duplicates)
         shards = iter_shards(records, recipe.execution.shard_size)
         if self.workers == 1:
-            probe.setup()
-            try:
-                for shard, chunk in shards:
-                    if probe.is_done(shard):
-                        on_shard(ShardStats(shard=shard, records=len(chunk), skipped=True))
-                        continue
-                    on_shard(probe.process(shard, chunk, on_items))
-            finally:
-                probe.teardown()
+            with worker_threads(recipe.execution.threads):
+                probe.setup()
+                try:
+                    for shard, chunk in shards:
+                        if probe.is_done(shard):
+                            on_shard(ShardStats(shard=shard, records=len(chunk), skipped=True))
+                            continue
+                        on_shard(probe.process(shard, chunk, on_items))
+                finally:
+                    probe.teardown()
             return
 
-        threads = max(1, (os.cpu_count() or 1) // self.workers)
         context = mp.get_context("spawn")
-        args = (recipe.model_dump_json(), str(image_root), str(run_dir), duplicates, threads)
+        args = (recipe.model_dump_json(), str(image_root), str(run_dir), duplicates)
         with ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker, initargs=args) as pool:
             in_flight: set[Future[ShardStats]] = set()
             for shard, chunk in shards:

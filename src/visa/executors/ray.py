@@ -55,6 +55,7 @@ from visa.recipe import Recipe, RecipeError
 from visa.run_folder import atomic_write
 from visa.samples import RawRecord, stable_hash
 from visa.store import WorkDir
+from visa.threads import set_threads
 
 ShardHook = Callable[[ShardStats], None]
 
@@ -198,6 +199,7 @@ class _AgentStage:
         keep_samples: bool, max_attempts: int,
     ):
         recipe = Recipe.model_validate_json(recipe_json)
+        set_threads(recipe.execution.threads)
         planned, decode = plan_agents(recipe)
         members = [p for p in planned if p.column in columns]
         self.label, self.stage = "+".join(columns), stage

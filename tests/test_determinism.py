@@ -1,0 +1,67 @@
+"""Two runs of the same data on the same machine give byte-identical score tables; threads are fixed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from visa.recipe import ExecutionSpec, load_recipe
+from visa.scoring import score
+
+#: photos with text, faces and plain texture, a multi-image and a text-only record
+IDS = ("astronaut-01", "text-01", "brick-01", "portraits-compare-01", "textonly-01")
+
+
+@pytest.mark.slow  # the embedded recipe's real models (tagger, OCR, SmolLM2, MiniLM), twice
+@pytest.mark.timeout(600)
+def test_embedded_recipe_twice_gives_byte_identical_scores(tmp_path, examples):
+    records = [r for r in json.loads((examples / "llava.json").read_text()) if r["id"] in IDS]
+    assert len(records) == len(IDS)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    recipe = load_recipe("embedded")
+    recipe = recipe.model_copy(update={"execution": ExecutionSpec(shard_size=2, threads=2)})
+    runs = [score(recipe, data, tmp_path / name, image_root=examples) for name in ("first", "second")]
+    first, second = ((tmp_path / name / "scores.parquet").read_bytes() for name in ("first", "second"))
+    assert first == second
+    assert all(run["recipe"]["execution"]["threads"] == 2 for run in runs)
+    assert all(run["counts"]["errors"] == {} for run in runs)
+    # the language agents really ran (their columns are in the identical tables)
+    assert runs[0]["timings"]["agents"]["pt.lm"]["items"] == len(IDS)
+
+
+def test_threads_are_fixed_by_the_recipe_not_the_machine(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from test_scoring import cheap_recipe, make_dataset
+
+    from visa.backends.embedded_lm import EmbeddedLMBackend
+    from visa.threads import worker_threads
+
+    seen: list[int] = []
+
+    def spy(self, prepared, progress=None):
+        seen.append(torch.get_num_threads())
+        return original(self, prepared, progress)
+
+    from visa.pipeline import AgentGroup
+
+    original = AgentGroup.run
+    monkeypatch.setattr(AgentGroup, "run", spy)
+    monkeypatch.setattr("os.getloadavg", lambda: (50.0, 50.0, 50.0))  # a busy machine changes nothing
+    before = torch.get_num_threads()
+    recipe = load_recipe(cheap_recipe(tmp_path))
+    recipe = recipe.model_copy(update={"execution": ExecutionSpec(shard_size=4, threads=3)})
+    record = score(recipe, make_dataset(tmp_path / "d", n_images=3), tmp_path / "run")
+    assert seen and set(seen) == {3}
+    assert torch.get_num_threads() == before  # restored after an in-process run
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["recipe"]["execution"]["threads"] == 3
+    assert record["recipe"]["execution"]["threads"] == 3
+    with worker_threads(2):
+        assert EmbeddedLMBackend().forward_threads() == 2
+    assert EmbeddedLMBackend(EmbeddedLMBackend.Params(threads=1)).forward_threads() == 1
+
+
+def test_default_is_one_thread_per_worker() -> None:
+    assert ExecutionSpec().threads == 1
+    assert load_recipe("embedded").execution.threads == 1
