@@ -14,7 +14,7 @@ IDS = ("astronaut-01", "text-01", "brick-01", "portraits-compare-01", "textonly-
 
 
 @pytest.mark.slow  # the embedded recipe's real models (tagger, OCR, SmolLM2, MiniLM), twice
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_embedded_recipe_twice_gives_byte_identical_scores(tmp_path, examples):
     records = [r for r in json.loads((examples / "llava.json").read_text()) if r["id"] in IDS]
     assert len(records) == len(IDS)
