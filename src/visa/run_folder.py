@@ -210,7 +210,7 @@ def _validation_line(err: ValidationError, path: Path, raw: Mapping[str, Any]) -
     where = ".".join(str(p) for p in first["loc"])
     version = raw.get("visa_version")
     written = f" (written by visa {version})" if isinstance(version, str) else ""
-    return f"{path}{written}: field {where}: {first['msg']}"
+    return f"{path}{written}: field {where}: {first['msg'].removeprefix('Value error, ')}"
 
 
 def parse_record(raw: Any, path: Path) -> RunRecord:
