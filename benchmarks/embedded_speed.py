@@ -8,7 +8,7 @@ peak RSS, samples per second (records / wall) and per CPU-second, and the agent 
 run.json. Then the two score tables are compared column by column on the rows they share: the
 largest absolute difference of every numeric column (and the Spearman correlation of each score
 column), and how many rows differ in every other column. Score quality is compared too: the AUROC of
-every score column for clean against misaligned records (``meta.kind`` of the examples), per arm.
+every score column for clean against misaligned records (the examples' ``kind``), per arm.
 
 Pools: ``examples`` is ``examples/llava.json`` as shipped (73 records, 19 photos). ``large`` is built
 from it with a seed: every photo is turned into ``--variants`` new images (a random crop of 70-95% of
@@ -168,9 +168,11 @@ def quality(table_path: Path) -> dict[str, float]:
     sample whose conversation belongs to another photo) + 1/2 P(tie), over non-null values.
     """
     table = pq.read_table(table_path)
-    if "meta.kind" not in table.column_names:
+    # the examples keep the kind under "meta": {"kind": ...}; older versions prefix metadata once more
+    column = next((c for c in ("meta.kind", "meta.meta.kind") if c in table.column_names), None)
+    if column is None:
         return {}
-    kind = np.asarray(table.column("meta.kind").to_pylist(), dtype=object)
+    kind = np.asarray(table.column(column).to_pylist(), dtype=object)
     out: dict[str, float] = {}
     for name in table.column_names:
         family = name.split(".")[0]
