@@ -105,3 +105,16 @@ class SetupLog(Agent):
 
     def score_batch(self, items):
         return [{"score": float(item.image.width)} for item in items]
+
+
+class MeanColour(Agent):
+    """The image's mean RGB as a 3-vector (``embedding``): a stand-in for an embedding agent."""
+
+    unit = Unit.IMAGE
+    outputs = {"embedding": pa.list_(pa.float32())}
+
+    def score_batch(self, items):
+        return [
+            {"embedding": np.asarray(item.image.convert("RGB"), dtype=np.float32).reshape(-1, 3).mean(axis=0).tolist()}
+            for item in items
+        ]

@@ -194,6 +194,8 @@ SELECT_HELP = {
     "max_per_image": "keep at most this many samples per image ('off': no cap)",
     "calibration_size": "rows (unique images for image scores) used to fit Shapley weights",
     "seed": "seed of the calibration sample and of Monte Carlo Shapley",
+    "clusters": "content clusters: 'auto' (the scores' clusters), 'off', or a column such as meta.task",
+    "cluster_balance": "budget over clusters: 0 proportional to their pools (default), 1 equal",
 }
 #: What `visa select` uses when neither the option nor the recipe's ``selection:`` section sets a value
 #: (the defaults of :class:`visa.selection.SelectionOptions`; a test keeps the two in step).
@@ -239,6 +241,8 @@ def select_cmd(
     quota_max_share: Annotated[float | None, _opt("quota_max_share")] = None,
     dedupe: Annotated[bool | None, _opt("dedupe", "--dedupe/--no-dedupe")] = None,
     max_per_image: Annotated[str | None, _opt("max_per_image")] = None,
+    clusters: Annotated[str | None, _opt("clusters")] = None,
+    cluster_balance: Annotated[float | None, _opt("cluster_balance")] = None,
     calibration_size: Annotated[int | None, _opt("calibration_size")] = None,
     seed: Annotated[int | None, _opt("seed")] = None,
     no_records: Annotated[

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from visa.agents.base import Agent
+from visa.clusters import ClusterError, ClusterSpec, check_sources
 from visa.families import NAME as SCORE_NAME
 from visa.images import ImageLimits
 from visa.needs import NeedsError, order_by_needs
@@ -81,6 +82,7 @@ class Recipe(_Strict):
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
     scores: dict[str, ScoreSpec]
     selection: SelectionOptions | None = None
+    clusters: ClusterSpec | None = Field(None, description="content clusters computed when the table is assembled")
 
     @field_validator("scores")
     @classmethod
@@ -161,9 +163,15 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     except ValidationError as err:
         raise RecipeError(f"recipe {label}: {_first_error(err, Recipe)}") from None
     try:
-        recipe.build_agents()
+        bound = recipe.build_agents()
     except UnknownName as err:
         raise RecipeError(f"recipe {label}: {err}") from None
+    if recipe.clusters is not None:
+        produced = [b.column_of(f) for b in bound for f in b.agent.all_outputs()]
+        try:
+            check_sources(recipe.clusters, produced)
+        except ClusterError as err:
+            raise RecipeError(f"recipe {label}: {err}") from None
     return recipe
 
 

@@ -171,6 +171,19 @@ class Timings(_Section):
     total_seconds: float | None = None
 
 
+class ClusterRecord(_Section):
+    """The content clusters `visa score` computed (``clusters``; see :mod:`visa.clusters`): the
+    embeddings clustered, the k chosen (and each tried k's silhouette), sizes largest first and each
+    cluster's most typical row."""
+
+    embeddings: list[str] = Field(default_factory=list)
+    k: int | None = None
+    chosen_by: str | None = None
+    silhouette: dict[str, float] = Field(default_factory=dict)
+    sizes: list[int] = Field(default_factory=list)
+    typical_rows: list[int | None] = Field(default_factory=list)
+
+
 class RunRecord(_Section):
     """``run.json``: what was run on what, with which agents, what came out and how long it took.
 
@@ -193,6 +206,7 @@ class RunRecord(_Section):
     shards: ShardCounts = Field(default_factory=ShardCounts)
     timings: Timings = Field(default_factory=Timings)
     shapley: dict[str, Any] = Field(default_factory=dict)
+    clusters: ClusterRecord | None = None
     selection: dict[str, Any] | None = None
     outputs: dict[str, str] = Field(default_factory=dict)
 

@@ -15,13 +15,14 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from visa import __version__
 from visa.assemble import assemble
 from visa.families import is_score
 from visa.fusion import unique_image_count
-from visa.pipeline import AgentStats, ShardStats, plan_agents
+from visa.pipeline import AgentStats, PlannedAgent, ShardStats, plan_agents
 from visa.progress import RunProgress
 from visa.readers import Input, InputError, duplicate_ids, open_input
 from visa.recipe import Recipe, RecipeError
@@ -212,17 +213,7 @@ def score(
     planned, decode = plan_agents(recipe)
     assemble_started = time.perf_counter()
     table = assemble(work, tally.shards, planned, decode["fingerprint"])
-    families: dict[str, list[str]] = {}
-    units: dict[str, str] = {}
-    for p in planned:
-        if is_score(p.bound.score) and "score" in p.agent.all_outputs():
-            families.setdefault(p.bound.score, []).append(p.column)
-            units[p.bound.score] = str(p.agent.unit)
-    shapley: dict[str, Any] = {}
-    if families:
-        from visa.fusion import fuse_scores
-
-        table, shapley = fuse_scores(table, families, units=units)
+    table, shapley, clusters = _pool_steps(table, planned, recipe)
     folder.write_table(folder.scores, table)
     assemble_seconds = time.perf_counter() - assemble_started
 
@@ -272,10 +263,35 @@ def score(
             "total_seconds": round(time.perf_counter() - started, 3),
         },
         "shapley": shapley,
+        "clusters": clusters,
         "outputs": {"scores": str(folder.scores)},
     })
     folder.write_record(record)
     return record.to_json()
+
+
+def _pool_steps(
+    table: pa.Table, planned: list[PlannedAgent], recipe: Recipe
+) -> tuple[pa.Table, dict[str, Any], dict[str, Any] | None]:
+    """Steps over the whole assembled table: Shapley fusion of every score family, then the
+    recipe's content clusters. Returns the table and the two run.json sections."""
+    families: dict[str, list[str]] = {}
+    units: dict[str, str] = {}
+    for p in planned:
+        if is_score(p.bound.score) and "score" in p.agent.all_outputs():
+            families.setdefault(p.bound.score, []).append(p.column)
+            units[p.bound.score] = str(p.agent.unit)
+    shapley: dict[str, Any] = {}
+    if families:
+        from visa.fusion import fuse_scores
+
+        table, shapley = fuse_scores(table, families, units=units)
+    clusters: dict[str, Any] | None = None
+    if recipe.clusters is not None:
+        from visa.clusters import add_clusters
+
+        table, clusters = add_clusters(table, recipe.clusters)
+    return table, shapley, clusters
 
 
 def _package_versions() -> dict[str, str]:

@@ -143,7 +143,10 @@ class _Builder:
         galleries = self._galleries() if self.k else []
         dropped = self._dropped() if self.k and d.selection is not None else []
         selected_cards = self._selected_cards() if self.k and d.selection is not None else []
-        self._fill_cards(galleries, dropped, selected_cards)
+        examples = self._positions([r["example_row"] for r in (selection or {}).get("clusters", [])])
+        self._fill_cards(galleries, dropped, selected_cards, examples)
+        for row, card in zip((selection or {}).get("clusters", []), examples, strict=False):
+            row["example"] = card
         if selection is not None:
             selection["gallery"] = selected_cards
         sections = [("overview", "Overview")]
@@ -327,6 +330,7 @@ class _Builder:
             if isinstance(summary.get("notes"), list)
             else []
         )
+        clusters = summary.get("clusters") if isinstance(summary.get("clusters"), Mapping) else {}
         return {
             "chart": chart,
             "selected": fmt_int(values[0]),
@@ -336,6 +340,9 @@ class _Builder:
             "quota": quota_rows,
             "quota_field": str(quota.get("field")) if quota else "",
             "quota_columns": list(dict.fromkeys(k for row in quota_rows for k in row if k != "group")),
+            "clusters": _cluster_rows(clusters),
+            "clusters_column": str(clusters.get("column") or ""),
+            "clusters_budget": str(clusters.get("budget") or ""),
             "notes": notes,
             "gallery": [],
         }
@@ -624,12 +631,24 @@ class _Builder:
             return []
         return list(gal.top(-sel.rank, self.data.rows, chosen, self.k, highest=True))
 
+    def _positions(self, rows: Sequence[int | None]) -> list[Any]:
+        """Table positions of input ``rows`` (None where a row is unknown or not given)."""
+        wanted = {int(r) for r in rows if r is not None}
+        found = np.flatnonzero(np.isin(self.data.rows, np.fromiter(wanted, dtype=np.int64)))
+        at = {int(self.data.rows[p]): int(p) for p in found}
+        return [at.get(int(r)) if r is not None else None for r in rows]
+
     def _fill_cards(
-        self, galleries: list[dict[str, Any]], dropped: list[dict[str, Any]], selected: list[Any]
+        self, galleries: list[dict[str, Any]], dropped: list[dict[str, Any]], selected: list[Any],
+        examples: list[Any] | None = None,
     ) -> None:
+        """Replace the positions of every strip, of ``selected`` and of ``examples`` (None entries
+        stay None) by cards, loading each shown record once."""
         d = self.data
+        examples = examples if examples is not None else []
         groups = [s["positions"] for g in galleries for s in g["strips"]] + [s["positions"] for s in dropped]
         groups.append(np.asarray(selected, dtype=np.int64))
+        groups.append(np.asarray([p for p in examples if p is not None], dtype=np.int64))
         positions = gal.unique_in_order(groups)
         if not positions:
             return
@@ -645,6 +664,7 @@ class _Builder:
         for strip in dropped:
             strip["cards"] = [{**cards[int(p)], "primary": ""} for p in strip["positions"]]
         selected[:] = [{**cards[int(p)], "primary": ""} for p in selected]
+        examples[:] = [None if p is None else {**cards[int(p)], "primary": ""} for p in examples]
 
     def _card(
         self, position: int, shown: gal.Shown, extra: Mapping[str, Any], aux: Sequence[str]
@@ -793,6 +813,29 @@ class _Builder:
             "malformed_lines": [fmt_int(x) for x in malformed_lines[:MALFORMED_SHOWN]],
             "malformed_more": max(0, len(malformed_lines) - MALFORMED_SHOWN),
         }
+
+
+def _cluster_rows(report: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """One formatted row per content cluster of the selection summary (largest pools first)."""
+    rows = []
+    for group in (report or {}).get("groups", [])[:100]:
+        if not isinstance(group, Mapping):
+            continue
+        example = group.get("example") if isinstance(group.get("example"), Mapping) else {}
+        images, kept = group.get("images"), group.get("images_kept")
+        rows.append({
+            "cluster": str(group.get("cluster")),
+            "pool": fmt_int(group.get("pool")),
+            "pool_share": fmt(group.get("pool_share")),
+            "images": f"{fmt_int(kept)} of {fmt_int(images)}" if images is not None else "–",
+            "survived": fmt_int(group.get("survived_filters")),
+            "target": fmt_int(group.get("target")) if group.get("target") is not None else "–",
+            "selected": fmt_int(group.get("selected")),
+            "selected_share": fmt(group.get("selected_share")),
+            "example_row": example.get("row") if isinstance(example.get("row"), int) else None,
+            "example": None,
+        })
+    return rows
 
 
 def _num(value: Any) -> float:

@@ -16,11 +16,14 @@ selected gets exactly one ``reason``: the first stage that removed it.
     Images are ordered by visual score (ties: the image's first row), the top ``image_keep`` fraction
     (rounded half up) is kept, and samples on the other images are dropped. Skipped when no visual
     family exists.
+    With content clusters (see :mod:`~visa.selection.crops`) the percentile ranks are taken among
+    the images of the same cluster and every cluster keeps its own top ``image_keep`` fraction.
 ``im_nonpositive`` (stage 2, instructions)
     Samples whose IM is ``<= im_min`` (default 0: the image does not help predict the answer). The
     threshold applies to the Shapley-weighted mean of the **raw** IM agents (fused scores are
     z-scores, whose zero is the calibration mean), so it is meaningful when the IM agents share a
     unit, as the reference's MLLM cross-entropy differences do. A null IM is not dropped here.
+    With clusters, each cluster's best ``cluster_im_floor`` fraction by IM is spared.
 ``pt_tail``
     The ``pt_tail`` fraction (default 2%) of error-free rows with the highest fused PT (rounded half
     up; ties: lower row first), i.e. the garbled-text tail, measured over the whole pool so the cut
@@ -36,6 +39,9 @@ selected gets exactly one ``reason``: the first stage that removed it.
     ties by row) and the first ``budget`` are taken. With ``quota_field`` the budget is shared
     between the values of that column (see :func:`_quota_take`). A survivor that quotas push out of
     the budget gets ``quota``; one ranked beyond the budget gets ``budget``.
+    Without a quota field but with clusters, the budget is spread over the clusters (proportional
+    to their pools, or balanced towards equal shares with ``cluster_balance``) and ``quota`` marks
+    the survivors their cluster's share pushed out.
 
 Outputs (all deterministic: same inputs and options give byte-identical files):
 ``selection.parquet`` (``row, sample_id, selected, rank, visual_score, instruction_score, reason``),

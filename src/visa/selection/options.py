@@ -124,6 +124,17 @@ class SelectionOptions(BaseModel):
     quota_max_share: float = Field(
         0.5, gt=0, le=1, description="capped mode: max share of the budget per value"
     )
+    clusters: str = Field(
+        "auto",
+        description="'auto': rank images within, and spread the budget over, the score table's content "
+        "clusters when it has them; 'off'; or a column (e.g. meta.task) whose values are the clusters",
+    )
+    cluster_balance: float = Field(
+        0.0, ge=0, le=1, description="budget spread over clusters: 0 proportional to their pools, 1 equal"
+    )
+    cluster_im_floor: float = Field(
+        0.5, ge=0, le=1, description="with clusters, the IM rule spares each cluster's best fraction by IM"
+    )
     dedupe: bool = Field(
         True, description="drop samples whose image set and conversation repeat a better one"
     )
@@ -140,6 +151,15 @@ class SelectionOptions(BaseModel):
     @classmethod
     def _budget(cls, value: Any) -> int | str | None:
         return parse_budget(value)
+
+    @field_validator("clusters", mode="before")
+    @classmethod
+    def _clusters(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("off", "none", "auto"):
+            return "off" if value.strip().lower() != "auto" else "auto"
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("clusters must be 'auto', 'off' or a column name")
+        return value
 
     @field_validator("im_min", "max_per_image", mode="before")
     @classmethod
@@ -176,6 +196,14 @@ class SelectionOptions(BaseModel):
     def budget_rows(self, pool: int) -> int | None:
         """The budget as a row count for a pool of ``pool`` records (percentages round half up)."""
         return budget_rows(self.budget, pool)
+
+    def cluster_columns(self) -> list[str]:
+        """The score-table columns the cluster option reads (none when it is off)."""
+        from visa.clusters import CLUSTER_COLUMN, DISTANCE_COLUMN
+
+        if self.clusters == "off":
+            return []
+        return [CLUSTER_COLUMN, DISTANCE_COLUMN] if self.clusters == "auto" else [self.clusters]
 
     def weights(self) -> dict[str, float]:
         """The visual weights: weight 1 for each default visual family, overridden or extended by

@@ -18,6 +18,13 @@ import pyarrow.compute as pc
 
 from visa.families import FAMILIES, IM, PT, VISUAL_FAMILIES, default_unit
 from visa.fusion import image_codes, renormalised_sum, score_families, unique_image_rows, weighted_raw
+from visa.selection.crops import (
+    cluster_budget,
+    cluster_report,
+    cluster_stage,
+    im_floor,
+    visual_within_clusters,
+)
 from visa.selection.options import SelectionError, SelectionOptions
 from visa.selection.ranks import codes as value_codes
 from visa.selection.ranks import descending, half_up, percentile_ranks, rank_within_groups, top
@@ -62,6 +69,13 @@ class State:
     chosen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     budget: int | None = None
     quota_report: dict[str, Any] | None = None
+    #: content clusters (see :mod:`visa.selection.crops`): a group code per row, or None when off
+    groups: np.ndarray | None = None
+    group_values: list[Any] = field(default_factory=list)
+    cluster_column: str | None = None
+    cluster_images: np.ndarray | None = None
+    cluster_kept_images: np.ndarray | None = None
+    cluster_targets: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -147,7 +161,8 @@ def _visual_weights(state: State) -> dict[str, float]:
 
 
 def image_stage(state: State) -> None:
-    """Keep the top ``image_keep`` fraction of unique images by visual score; drop the rest."""
+    """Keep the top ``image_keep`` fraction of unique images by visual score (of each content
+    cluster's images, ranked within it, when clusters are on); drop the rest."""
     state.visual_weights = _visual_weights(state)
     image_rows = unique_image_rows(state.table, state.valid, state.codes)
     state.n_images = state.kept_images = int(image_rows.size)
@@ -156,18 +171,21 @@ def image_stage(state: State) -> None:
         return
     if not state.n_images:
         return
-    visual_image = renormalised_sum(
-        [percentile_ranks(state.fused(family)[image_rows]) for family in state.visual_weights],
-        list(state.visual_weights.values()),
-    )
+    values = [state.fused(family)[image_rows] for family in state.visual_weights]
+    weights = list(state.visual_weights.values())
+    if state.groups is None:
+        visual_image = renormalised_sum([percentile_ranks(v) for v in values], weights)
+        kept = top(visual_image, state.rows[image_rows], half_up(state.options.image_keep * state.n_images))
+    else:
+        visual_image, kept = visual_within_clusters(state, image_rows, values, weights)
     codes, has_image = state.codes, state.has_image
     n_codes = int(codes.max()) + 1
     by_code = np.full(n_codes, np.nan)
     by_code[codes[image_rows]] = visual_image
     state.visual_row[has_image] = by_code[codes[has_image]]
-    state.kept_images = half_up(state.options.image_keep * state.n_images)
+    state.kept_images = int(kept.size)
     keep_code = np.zeros(n_codes, dtype=bool)
-    keep_code[codes[image_rows[top(visual_image, state.rows[image_rows], state.kept_images)]]] = True
+    keep_code[codes[image_rows[kept]]] = True
     state.drop(state.valid & has_image & ~keep_code[np.maximum(codes, 0)], "image_below_cut")
 
 
@@ -193,12 +211,14 @@ def raw_im(table: pa.Table, shapley: Mapping[str, Any] | None) -> np.ndarray:
 
 
 def im_stage(state: State) -> None:
-    """Drop samples whose raw IM is ``<= im_min`` (a null IM is not dropped)."""
+    """Drop samples whose raw IM is ``<= im_min`` (a null IM is not dropped); with clusters, not
+    below each cluster's ``cluster_im_floor`` (see :func:`~visa.selection.crops.im_floor`)."""
     if IM not in state.names:
         state.notes.append("no IM scores: the IM filter is skipped and samples are ranked by visual score")
         return
     if state.options.im_min is not None:
-        state.drop(raw_im(state.table, state.shapley) <= state.options.im_min, "im_nonpositive")
+        im = raw_im(state.table, state.shapley)
+        state.drop((im <= state.options.im_min) & ~im_floor(state, im), "im_nonpositive")
 
 
 def pt_tail_stage(state: State) -> None:
@@ -375,11 +395,13 @@ def budget_stage(state: State) -> None:
     state.budget = budget = state.options.budget_rows(state.n)
     if budget is None:
         state.chosen = state.ranked
-    elif state.options.quota_field is None:
+    elif state.options.quota_field is not None:
+        _quota_stage(state, budget)
+    elif state.groups is not None:
+        cluster_budget(state, budget)
+    else:
         state.chosen = state.ranked[:budget]
         state.reason[state.ranked[budget:]] = CODE["budget"]
-    else:
-        _quota_stage(state, budget)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,12 +457,15 @@ def summary(state: State) -> dict[str, Any]:
         state.notes.append(f"budget under-filled: {selected} of {state.budget} (not enough samples passed)")
     if state.quota_report is not None:
         out["quota"] = state.quota_report
+    if state.groups is not None:
+        out["clusters"] = cluster_report(state)
     out["notes"] = state.notes
     return out
 
 
 #: The stages in the order they run.
 STAGES = (
+    cluster_stage,
     image_stage,
     text_only_stage,
     im_stage,
