@@ -5,7 +5,9 @@ unique images (default 1M), 1% error rows, 3% text-only rows, ``meta.source`` wi
 score families with two agents each (sc, oa, dp per image; pt, im per sample), auxiliary agent
 fields and a ``text_hash`` column. Generation runs once into ``--dir``; the selection is then timed in
 a fresh process (fusion + both stages + writing selection.parquet + updating run.json; the selected
-records themselves are not written) and its peak RSS is read from ``getrusage``.
+records themselves are not written) and its peak RSS is read from ``getrusage``. The table also has
+the content-cluster columns ``visa score`` writes (``cluster``: 64 clusters, ``cluster_distance``);
+each mode of ``MODES`` is measured in its own process, one after the other.
 
     PYTHONPATH=src .venv/bin/python benchmarks/select_3m.py --dir /tmp/visa_select_3m
 """
@@ -67,6 +69,14 @@ def generate(run_dir: Path, rows: int, images: int, seed: int = 0) -> None:
             values[rng.random(rows) < 0.002] = np.nan  # a few failed items
             cols[f"{family}.{agent}"] = pa.array(values, pa.float64(), mask=np.isnan(values))
     cols["sc.a.regions"] = pa.array(rng.integers(0, 200, rows), pa.int64())
+    # content clusters as `visa score` writes them: 64 clusters of unequal size, most samples of an
+    # image in its cluster, null on error and text-only rows
+    cluster = rng.choice(64, size=images, p=rng.dirichlet(np.ones(64)))[image]
+    moved = rng.random(rows) < 0.1
+    cluster[moved] = rng.integers(0, 64, int(moved.sum()))
+    unclustered = error | text_only
+    cols["cluster"] = pa.array(cluster.astype(np.int32), pa.int32(), mask=unclustered)
+    cols["cluster_distance"] = pa.array(rng.gamma(2.0, 0.5, rows), pa.float64(), mask=unclustered)
     pq.write_table(pa.table(cols), run_dir / "scores.parquet")
     run = {
         "input": {"path": str(run_dir / "data.jsonl"), "format": "jsonl"},
@@ -80,10 +90,20 @@ def generate(run_dir: Path, rows: int, images: int, seed: int = 0) -> None:
     (run_dir / "run.json").write_text(json.dumps(run), encoding="utf-8")
 
 
-def measure(run_dir: Path, budget: str) -> dict:
+#: What each measured mode selects with: quotas on meta.source without clusters (the original
+#: measurement), the same with clusters ranking images within clusters, and clusters spreading the
+#: budget themselves (no quota field).
+MODES = {
+    "off": {"quota_field": "meta.source", "clusters": "off"},
+    "clusters+quota": {"quota_field": "meta.source", "clusters": "auto"},
+    "clusters": {"clusters": "auto"},
+}
+
+
+def measure(run_dir: Path, budget: str, mode: str = "off") -> dict:
     from visa.selection import SelectionOptions, select
 
-    options = SelectionOptions(budget=budget, image_keep=0.5, quota_field="meta.source")
+    options = SelectionOptions(budget=budget, image_keep=0.5, **MODES[mode])
     before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     result = select(run_dir, options, write_records=False)
@@ -91,6 +111,7 @@ def measure(run_dir: Path, budget: str) -> dict:
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {
+        "mode": mode,
         "seconds": round(seconds, 2),
         "cpu_seconds": round(cpu, 2),
         "load_average_1min": round(os.getloadavg()[0], 1),
@@ -99,6 +120,7 @@ def measure(run_dir: Path, budget: str) -> dict:
         "selected": result.summary["selected"],
         "dropped": result.summary["dropped"],
         "unique_images": result.summary["images"]["unique"],
+        "clusters": len((result.summary.get("clusters") or {}).get("groups", {})),
     }
 
 
@@ -109,24 +131,27 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1_000_000)
     parser.add_argument("--budget", default="2.5%")
     parser.add_argument("--regenerate", action="store_true")
-    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.dir, args.budget)))
+        print(json.dumps(measure(args.dir, args.budget, args.measure)))
         return
-    if args.regenerate or not (args.dir / "scores.parquet").is_file():
+    stale = (args.dir / "scores.parquet").is_file() and "cluster" not in pq.read_schema(args.dir / "scores.parquet").names
+    if args.regenerate or stale or not (args.dir / "scores.parquet").is_file():
         t = time.perf_counter()
         generate(args.dir, args.rows, args.images)
         print(
             f"generated {args.rows:,} rows in {time.perf_counter() - t:.1f} s -> {args.dir}", file=sys.stderr
         )
-    out = subprocess.run(
-        [sys.executable, __file__, "--measure", "--dir", str(args.dir), "--budget", args.budget],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    print(out.stdout.strip())
+    for mode in args.modes.split(","):
+        out = subprocess.run(
+            [sys.executable, __file__, "--measure", mode, "--dir", str(args.dir), "--budget", args.budget],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        print(out.stdout.strip())
 
 
 if __name__ == "__main__":
