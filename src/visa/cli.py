@@ -195,7 +195,7 @@ SELECT_HELP = {
     "calibration_size": "rows (unique images for image scores) used to fit Shapley weights",
     "seed": "seed of the calibration sample and of Monte Carlo Shapley",
     "clusters": "content clusters: 'auto' (the scores' clusters), 'off', or a column such as meta.task",
-    "cluster_balance": "budget over clusters: 0 proportional to their pools (default), 1 equal",
+    "cluster_balance": "budget over clusters: 0 proportional to their pools, 1 equal",
 }
 #: What `visa select` uses when neither the option nor the recipe's ``selection:`` section sets a value
 #: (the defaults of :class:`visa.selection.SelectionOptions`; a test keeps the two in step).
@@ -203,6 +203,7 @@ SELECT_DEFAULTS = {
     "budget": "all", "image_keep": "0.5", "visual_weights": "sc=1,oa=1,dp=1", "text_only": "keep", "im_min": "0",
     "pt_tail": "0.02", "pt_blend": "0", "quota_field": "none", "quota_mode": "proportional", "quota_min": "1",
     "quota_max_share": "0.5", "dedupe": "dedupe", "max_per_image": "off", "calibration_size": "1000", "seed": "0",
+    "clusters": "auto", "cluster_balance": "0",
 }
 
 
