@@ -49,9 +49,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "min_mask_region_area": 25, "use_m2m": True,
     },
 }
-#: Without mask-to-mask refinement, and with looser quality tests so that many masks reach the NMS.
-SETTINGS["loose_no_m2m"] = {**SETTINGS["reference"], "use_m2m": False, "pred_iou_thresh": 0.0,
-                            "stability_score_thresh": 0.5}
+#: Without mask-to-mask refinement.
+SETTINGS["no_m2m"] = {**SETTINGS["reference"], "use_m2m": False}
+#: Random masks from different points are near copies, so NMS leaves one or two: with both NMS off
+#: (IoU thresholds 1.0) and the predicted-IoU test off, every mask that passes stability >= 0.5 and the
+#: crop-edge filter is compared, i.e. decoding, filling, m2m, stability and crops mask by mask.
+SETTINGS["loose_no_nms"] = {**SETTINGS["reference"], "pred_iou_thresh": 0.0, "stability_score_thresh": 0.5,
+                            "box_nms_thresh": 1.0, "crop_nms_thresh": 1.0}
 POINTS_PER_BATCH = 64
 HIERA_T = {  # SAM 2.1 Hiera-T (configs/sam2.1/sam2.1_hiera_t.yaml)
     "hidden_size": 96, "num_attention_heads": 1, "blocks_per_stage": [1, 2, 7, 2],
@@ -79,7 +83,7 @@ def test_images(n: int, size: int) -> list[np.ndarray]:
 
 
 # -- the reference side (runs in the sam2 environment) ------------------------------------------------
-def reference_role(work: Path, seed: int, gain: float, resolution: int) -> None:
+def reference_role(work: Path, seed: int, gain: float, resolution: int, settings: list[str]) -> None:
     import torch
     from safetensors.torch import save_file
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
@@ -99,8 +103,8 @@ def reference_role(work: Path, seed: int, gain: float, resolution: int) -> None:
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k.startswith(keep)}
     save_file(state, str(work / "weights.safetensors"))
     images = np.load(work / "images.npz")
-    for name, settings in SETTINGS.items():
-        generator = SAM2AutomaticMaskGenerator(model, points_per_batch=POINTS_PER_BATCH, **settings)
+    for name in settings:
+        generator = SAM2AutomaticMaskGenerator(model, points_per_batch=POINTS_PER_BATCH, **SETTINGS[name])
         # The predictor spells out the feature sizes of a 1024-pixel input; give it those of this size.
         generator.predictor._bb_feat_sizes = [(resolution // s, resolution // s) for s in (4, 8, 16)]
         for key in sorted(images.files):
@@ -251,18 +255,33 @@ def our_masks(model: Any, image: np.ndarray, settings: dict[str, Any]) -> tuple[
 
 # -- comparison -----------------------------------------------------------------------------------------
 def compare(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Mask sets as multisets of exact pixel sets: identical pairs, then each unpaired mask."""
+    from collections import Counter
+
     a, b = ours["masks"], theirs["masks"]
     keys_a = [m.tobytes() for m in a]
     keys_b = [m.tobytes() for m in b]
-    only_ours = [i for i, k in enumerate(keys_a) if k not in set(keys_b)]
-    only_theirs = [j for j, k in enumerate(keys_b) if k not in set(keys_a)]
+    common = Counter(keys_a) & Counter(keys_b)
+    only_ours = _unpaired(keys_a, common)
+    only_theirs = _unpaired(keys_b, common)
     return {
-        "ours": len(a), "reference": len(b),
-        "identical": len(set(keys_a) & set(keys_b)),
+        "ours": len(a), "reference": len(b), "distinct_ours": len(set(keys_a)),
+        "identical": sum(common.values()),
         "only_ours": [_difference(a[i], b, ours, i) for i in only_ours],
         "only_reference": [_difference(b[j], a, theirs, j) for j in only_theirs],
         "seconds_ours": round(ours["seconds"], 2), "seconds_reference": round(theirs["seconds"], 2),
     }
+
+
+def _unpaired(keys: list[bytes], common: Any) -> list[int]:
+    left = dict(common)
+    out = []
+    for i, key in enumerate(keys):
+        if left.get(key, 0) > 0:
+            left[key] -= 1
+        else:
+            out.append(i)
+    return out
 
 
 def _difference(mask: np.ndarray, others: np.ndarray, own: dict[str, np.ndarray], index: int) -> dict[str, Any]:
@@ -287,10 +306,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gain", type=float, default=1e5, help="scale of the decoder's hypernetwork outputs")
     parser.add_argument("--resolution", type=int, default=1024, help="model input size (SAM 2: 1024; less is faster)")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.role == "reference":
-        reference_role(args.work, args.seed, args.gain, args.resolution)
+        reference_role(args.work, args.seed, args.gain, args.resolution, args.settings)
         return
     sys.path.insert(0, str(ROOT / "src"))
     images = test_images(args.images, args.size)
@@ -300,7 +320,8 @@ def main() -> None:
     started = time.perf_counter()
     subprocess.run(
         [str(args.reference_python), str(Path(__file__).resolve()), "--role", "reference", "--work", str(args.work),
-         "--seed", str(args.seed), "--gain", str(args.gain), "--resolution", str(args.resolution)],
+         "--seed", str(args.seed), "--gain", str(args.gain), "--resolution", str(args.resolution),
+         "--settings", *args.settings],
         check=True,
     )
     reference_seconds = time.perf_counter() - started
@@ -308,9 +329,9 @@ def main() -> None:
     report: dict[str, Any] = {
         "seed": args.seed, "gain": args.gain, "size": args.size, "resolution": args.resolution, "results": {},
     }
-    for name, settings in SETTINGS.items():
+    for name in args.settings:
         for i, image in enumerate(images):
-            masks, seconds = our_masks(model, image, settings)
+            masks, seconds = our_masks(model, image, SETTINGS[name])
             ours = {
                 "masks": np.stack([m for m, _, _ in masks]) if masks else np.zeros((0, *image.shape[:2]), dtype=bool),
                 "iou": np.array([q for _, q, _ in masks]), "stability": np.array([s for _, _, s in masks]),
