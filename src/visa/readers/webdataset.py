@@ -243,7 +243,7 @@ class WebDatasetInput(Input):
             raise BrokenSample(group.problem)
         records = [m for m in group.members if m.extension == RECORD_EXTENSION]
         if not records:
-            names = ", ".join(m.info.name for m in group.members)
+            names = ", ".join(m.info.name for m in group.members[:5]) + (", ..." if len(group.members) > 5 else "")
             raise BrokenSample(f"{group.where()}: the sample has no {group.key}.json member (members: {names})")
         record = _parse_record(records[0], group)
         images = sorted((m for m in group.members if _is_image(m.extension)), key=_image_order)
