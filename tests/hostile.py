@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import random
 import shutil
 import struct
 import zlib
@@ -133,3 +134,81 @@ def _write_awkward(images: Path, photo: Image.Image) -> None:
     marked.save(images / "exif_rotated.jpg", quality=90, exif=exif.tobytes())
 
     photo.convert("L").point(lambda v: 255 if v > 128 else 0).convert("1").save(images / "bilevel.png")
+
+
+# -- hostile JSON ------------------------------------------------------------------------------------
+
+_TURNS = '"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]'
+
+
+def _nest(depth: int, rng: random.Random, leaf: str = "1") -> str:
+    """``depth`` containers around ``leaf``, arrays and objects mixed at random."""
+    opens, closes = [], []
+    for _ in range(depth):
+        if rng.random() < 0.5:
+            opens.append("[")
+            closes.append("]")
+        else:
+            opens.append('{"k": ')
+            closes.append("}")
+    return "".join(opens) + leaf + "".join(reversed(closes))
+
+
+def hostile_json_records(seed: int = 0) -> list[tuple[str, str, str | None]]:
+    """Record texts from the families of valid-but-hostile JSON: ``(id, one-line text, expected kind)``.
+
+    Families: lone surrogate escapes (high, low, reversed pairs) in every kind of field and in keys;
+    nesting just above and far above the reader's cap, in the turns or an extra field; integer
+    literals too long for ``int()`` and integers outside 64 bits (kept, as text where needed);
+    metadata with tens of thousands of keys, very long keys and values of mixed types. Expected kind
+    is ``malformed`` or None (the record is usable). ``seed`` varies the choices inside each family.
+    """
+    rng = random.Random(seed)
+    surrogate = rng.choice(["\\ud800", "\\udbff", "\\udc00", "\\udfff", "\\ude00\\ud83d"])
+    depth_over = rng.choice([65, 66, 400, 999, 1001, 5000, 200_000])
+    digits = rng.choice([4301, 5000, 20_000])
+    big = rng.choice([2**63, 2**64 + 7, -(2**63) - 1, 10**30])
+    keys = rng.choice([5_000, 50_000])
+    cases: list[tuple[str, str, str | None]] = [
+        ("sur-id", f'{{"id": "s{surrogate}", {_TURNS}}}', "malformed"),
+        ("sur-text", '{"id": "sur-text", "conversations": [{"from": "human", "value": "Q'
+         + surrogate + '?"}, {"from": "gpt", "value": "A."}]}', "malformed"),
+        ("sur-meta", f'{{"id": "sur-meta", "source": "web{surrogate}", {_TURNS}}}', "malformed"),
+        ("sur-key", f'{{"id": "sur-key", "meta": {{"k{surrogate}": 1}}, {_TURNS}}}', "malformed"),
+        ("sur-image", f'{{"id": "sur-image", "image": "images/a{surrogate}.jpg", {_TURNS}}}', "malformed"),
+        ("pair-ok", f'{{"id": "pair-ok", "note": "cat \\ud83d\\ude00", {_TURNS}}}', None),
+        ("deep-extra", f'{{"id": "deep-extra", "x": {_nest(depth_over, rng)}, {_TURNS}}}', "malformed"),
+        ("deep-turns", '{"id": "deep-turns", "conversations": [{"from": "human", "value": "Q", "x": '
+         + _nest(depth_over, rng) + '}, {"from": "gpt", "value": "A."}]}', "malformed"),
+        ("deep-ok", f'{{"id": "deep-ok", "x": {_nest(40, rng)}, {_TURNS}}}', None),
+        ("long-int", f'{{"id": "long-int", "n": {"7" * digits}, {_TURNS}}}', None),
+        ("long-int-id", f'{{"id": {"3" * digits}, {_TURNS}}}', None),
+        ("int64-meta", f'{{"id": "int64-meta", "n": {big}, "sub": {{"m": {big}}}, {_TURNS}}}', None),
+        ("int64-small", f'{{"id": "int64-small", "n": 5, "sub": {{"m": -3}}, {_TURNS}}}', None),
+        ("float-odd", f'{{"id": "float-odd", "f": 1e999, "g": -1e999, "h": NaN, {_TURNS}}}', None),
+        ("wide-meta", '{"id": "wide-meta", "meta": {' + ", ".join(f'"k{i}": {i}' for i in range(keys))
+         + f"}}, {_TURNS}}}", None),
+        ("wide-top", '{"id": "wide-top", ' + ", ".join(f'"t{i}": "v"' for i in range(keys // 10))
+         + f", {_TURNS}}}", None),
+        ("long-key", f'{{"id": "long-key", "{"q" * 3000}": 1, {_TURNS}}}', None),
+        ("huge-key", f'{{"id": "huge-key", "{"q" * 100_000}": 1, {_TURNS}}}', "malformed"),
+        ("mixed-type", f'{{"id": "mixed-type", "n": "text", "sub": {{"m": [1]}}, {_TURNS}}}', None),
+    ]
+    rng.shuffle(cases)
+    return cases
+
+
+def write_hostile_json(folder: Path, seed: int = 0) -> tuple[Path, Path, dict[str, str | None]]:
+    """The hostile JSON records as ``data.jsonl`` and as a pretty ``data.json`` array (same records).
+
+    Each record also gets a real photo (``images/chelsea.jpg``) so image agents run on the usable
+    ones. Returns both paths and ``{id: expected kind}``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "images").mkdir(exist_ok=True)
+    shutil.copyfile(EXAMPLE_IMAGES / "chelsea.jpg", folder / "images" / "chelsea.jpg")
+    cases = hostile_json_records(seed)
+    texts = [text.replace('{"id": ', '{"image": "images/chelsea.jpg", "id": ', 1) for _, text, _ in cases]
+    (folder / "data.jsonl").write_text("\n".join(texts) + "\n")
+    (folder / "data.json").write_text("[\n" + ",\n".join(texts) + "\n]\n")
+    return folder / "data.jsonl", folder / "data.json", {record_id: kind for record_id, _, kind in cases}

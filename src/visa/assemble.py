@@ -16,14 +16,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from visa.agents.base import Unit
-from visa.pipeline import PlannedAgent
+from visa.pipeline import SAMPLE_SCHEMA, PlannedAgent
 from visa.store import WorkDir
 
 META_PREFIX = "meta."
 
 
 def assemble(work: WorkDir, shards: int, agents: list[PlannedAgent], decode_fp: str) -> pa.Table:
-    samples = work.read_samples(shards)
+    samples = work.read_samples(shards) if shards else SAMPLE_SCHEMA.empty_table()
     n = samples.num_rows
     error_kind = samples.column("error_kind").to_pylist()
     error = samples.column("error").to_pylist()
@@ -143,23 +143,60 @@ def meta_fields(meta: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+MAX_META_COLUMNS = 256
+"""At most this many distinct ``meta.*`` columns per table (first come, in input order)."""
+MAX_META_FIELDS_PER_RECORD = 64
+"""At most this many ``meta.*`` values taken from one record."""
+MAX_META_NAME_CHARS = 128
+"""A metadata field whose column name would be longer than this gets no column of its own."""
+META_OVERFLOW = "meta_overflow"
+"""The column holding, as JSON text, the scalar metadata fields that got no column of their own."""
+_INT64 = (-(2**63), 2**63 - 1)
+
+
 def _meta_columns(metas: list[str | None]) -> dict[str, pa.Array]:
     """The ``meta.<field>`` columns of all samples (see :func:`meta_fields`); a field whose values
-    have different types across records becomes a string column."""
+    have different types across records becomes a string column.
+
+    Hostile metadata cannot blow up the table: at most :data:`MAX_META_FIELDS_PER_RECORD` fields of
+    a record and :data:`MAX_META_COLUMNS` columns in all get a column (names up to
+    :data:`MAX_META_NAME_CHARS` characters); the other scalar fields of a record go, as one JSON
+    object, into the text column :data:`META_OVERFLOW` (absent when nothing overflows). Integers
+    outside the 64-bit range are kept as text.
+    """
     flat: list[dict[str, Any]] = []
+    overflow: list[str | None] = []
     names: dict[str, None] = {}
     for text in metas:
-        row = meta_fields(json.loads(text) if text else {})
+        row: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for name, value in meta_fields(json.loads(text) if text else {}).items():
+            value = _int64_or_text(value)
+            admitted = name in names or len(names) < MAX_META_COLUMNS
+            if admitted and len(row) < MAX_META_FIELDS_PER_RECORD and len(name) <= MAX_META_NAME_CHARS:
+                row[name] = value
+                names[name] = None
+            else:
+                extra[name[len(META_PREFIX) :]] = value
         flat.append(row)
-        names.update(dict.fromkeys(row))
-    out: dict[str, pa.Array] = {}
-    for name in names:
-        values = [row.get(name) for row in flat]
-        try:
-            out[name] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types across records
-            out[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
+        overflow.append(json.dumps(extra, ensure_ascii=False, sort_keys=True) if extra else None)
+    out: dict[str, pa.Array] = {name: _meta_array([row.get(name) for row in flat]) for name in names}
+    if any(text is not None for text in overflow):
+        out[META_OVERFLOW] = pa.array(overflow, pa.string())
     return out
+
+
+def _int64_or_text(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
+        return str(value)
+    return value
+
+
+def _meta_array(values: list[Any]) -> pa.Array:
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # mixed types across records
+        return pa.array([None if v is None else str(v) for v in values], pa.string())
 
 
 def _scalar(value: Any) -> bool:

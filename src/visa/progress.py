@@ -104,6 +104,8 @@ def summary_table(record: dict[str, Any]) -> Table:
     table.add_row("shards", f"{record['shards']['total']} ({record['shards']['resumed']} already done)")
     table.add_row("wall time", f"{record['timings']['total_seconds']:.1f} s")
     table.add_row("score table", record["outputs"]["scores"])
+    for note in record.get("notes") or []:
+        table.add_row("note", note)
     return table
 
 

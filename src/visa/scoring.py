@@ -217,6 +217,9 @@ def score(
     folder.write_table(folder.scores, table)
     assemble_seconds = time.perf_counter() - assemble_started
 
+    notes: list[str] = []
+    if table.num_rows == 0:
+        notes.append(f"the input holds no records: {folder.scores.name} is an empty table")
     markers = work.shard_markers()
     malformed_lines = sorted(line for m in markers for line in m["malformed_lines"])
     errors = Counter(k for k in table.column("error_kind").to_pylist() if k is not None)
@@ -265,6 +268,7 @@ def score(
         "shapley": shapley,
         "clusters": clusters,
         "outputs": {"scores": str(folder.scores)},
+        "notes": notes,
     })
     folder.write_record(record)
     return record.to_json()

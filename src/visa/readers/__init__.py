@@ -15,6 +15,7 @@ with ``error`` set) and writes a selected subset back in its own format, records
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 from visa.readers.base import Input, InputError
@@ -37,6 +38,8 @@ def open_input(path: Path | str) -> Input:
         raise InputError(f"input not found: {path}")
     if path.is_dir():
         return _open_folder(path)
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise InputError(f"{path}: not a regular file (a device, FIFO or socket cannot be read as a dataset)")
     suffix = path.suffix.lower()
     if suffix == ".json":
         from visa.readers.json_array import JsonArrayInput, check_array_start

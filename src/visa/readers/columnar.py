@@ -13,21 +13,52 @@ ROW_BATCH_BYTES = 32 << 20
 MAX_BATCH_ROWS = 4096
 
 
-def iter_rows(batch: pa.RecordBatch, max_bytes: int = ROW_BATCH_BYTES) -> Iterator[dict[str, Any]]:
-    """The rows of ``batch`` as Python dicts, converting slices of about ``max_bytes`` at a time."""
+def iter_rows(
+    batch: pa.RecordBatch, max_bytes: int = ROW_BATCH_BYTES
+) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    """The rows of ``batch`` as ``(Python dict, None)``, converting slices of about ``max_bytes`` at a
+    time; a row that cannot be converted (a string column holding bytes that are not UTF-8) comes
+    as ``(None, what is wrong)`` and the other rows of its slice are kept."""
     n = batch.num_rows
     if n == 0:
         return
     step = max(1, min(n, MAX_BATCH_ROWS, max_bytes * n // max(batch.nbytes, 1)))
     for start in range(0, n, step):
-        yield from batch.slice(start, step).to_pylist()
+        part = batch.slice(start, step)
+        try:
+            rows = part.to_pylist()
+        except (UnicodeDecodeError, pa.ArrowException, ValueError, OverflowError):
+            yield from (_one_row(part.slice(i, 1)) for i in range(part.num_rows))
+            continue
+        yield from ((row, None) for row in rows)
+
+
+def _one_row(row: pa.RecordBatch) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        return row.to_pylist()[0], None
+    except UnicodeDecodeError as err:
+        return None, f"a text value holds bytes that are not valid UTF-8 (byte {err.start})"
+    except (pa.ArrowException, ValueError, OverflowError) as err:
+        return None, f"the row cannot be read: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
 
 
 def column_values(batch: pa.RecordBatch, name: str) -> list[Any]:
     """One column of ``batch`` as Python values, or all None when the column is absent."""
-    if name in batch.schema.names:
-        return batch.column(name).to_pylist()
-    return [None] * batch.num_rows
+    if name not in batch.schema.names:
+        return [None] * batch.num_rows
+    column = batch.column(name)
+    try:
+        return column.to_pylist()
+    except (UnicodeDecodeError, pa.ArrowException, ValueError, OverflowError):
+        return [_value_or_none(column, i) for i in range(len(column))]
+
+
+def _value_or_none(column: pa.Array, i: int) -> Any:
+    """One value, or None when it cannot be converted (that row becomes an error record anyway)."""
+    try:
+        return column[i].as_py()
+    except (UnicodeDecodeError, pa.ArrowException, ValueError, OverflowError):
+        return None
 
 
 class SubsetWriter:

@@ -88,8 +88,8 @@ class HFDatasetsInput(Input):
         for path in self._files:
             with _batches(path) as batches:
                 for batch in batches:
-                    for row in iter_rows(batch, self.batch_bytes):
-                        yield RawRecord(index, index + 1, row)
+                    for row, error in iter_rows(batch, self.batch_bytes):
+                        yield RawRecord(index, index + 1, row, None if error is None else f"line {index + 1}: {error}")
                         index += 1
 
     def iter_ids(self) -> Iterator[object | None]:

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from visa.readers import safe_json
 from visa.readers.base import (
     DEFAULT_MAX_RECORD_BYTES,
     Input,
@@ -39,7 +40,7 @@ _STRUCTURAL = re.compile(r'[\[\]{},"]')
 _IN_STRING = re.compile(r'["\\\n]')
 # Undecodable bytes survive decoding as lone surrogates (errors="surrogateescape").
 _BAD_BYTES = re.compile("[\udc80-\udcff]")
-_raw_decode = json.JSONDecoder().raw_decode
+_raw_decode = safe_json.raw_decode
 _RESYNC_OVERLAP = 4096
 
 
@@ -203,7 +204,7 @@ class JsonArrayInput(Input):
         buf, start = w.buf, w.pos
         try:
             obj, end = _raw_decode(buf, start)
-        except json.JSONDecodeError:
+        except safe_json.PARSE_FAILURES:
             return None
         after = _WS.match(buf, end).end()
         if after < len(buf):
@@ -298,14 +299,19 @@ class JsonArrayInput(Input):
             return None, f"line {line}: the element contains bytes that are not valid UTF-8"
         if obj is _UNPARSED:
             try:
-                obj = json.loads(text)
+                obj = safe_json.loads(text)
             except json.JSONDecodeError as e:
                 where = f"line {line + e.lineno - 1}"
                 if truncated:
                     return None, f"{where}: the file ends inside this element (truncated?): {e.msg}"
                 return None, f"{where}: invalid JSON: {e.msg} (element starts at line {line})"
+            except safe_json.PARSE_FAILURES as e:
+                return None, f"line {line}: {safe_json.failure_message(e)}"
         if not isinstance(obj, dict):
             return None, f"line {line}: the element is a JSON {json_type_name(obj)}, expected an object"
+        problem = safe_json.check_value(obj)
+        if problem is not None:
+            return None, f"line {line}: {problem}"
         return obj, None
 
     def _trailing(self, w: _Window, index: int) -> Iterator[RawRecord]:

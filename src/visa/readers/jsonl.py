@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import codecs
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from visa.readers import safe_json
 from visa.readers.base import DEFAULT_MAX_RECORD_BYTES, Input, atomic_file, json_type_name, pick
 from visa.samples import RawRecord
 
@@ -62,9 +62,12 @@ def _parse_line(data: bytes, line_no: int) -> tuple[dict[str, Any] | None, str |
     except UnicodeDecodeError as e:
         return None, f"line {line_no}: invalid UTF-8 at byte {e.start} of the line"
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        return None, f"line {line_no}: invalid JSON at column {e.colno}: {e.msg}"
+        obj = safe_json.loads(text)
+    except safe_json.PARSE_FAILURES as e:
+        return None, f"line {line_no}: {safe_json.failure_message(e)}"
     if not isinstance(obj, dict):
         return None, f"line {line_no}: the line is a JSON {json_type_name(obj)}, expected an object"
+    problem = safe_json.check_value(obj)
+    if problem is not None:
+        return None, f"line {line_no}: {problem}"
     return obj, None

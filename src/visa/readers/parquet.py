@@ -51,8 +51,8 @@ class ParquetInput(Input):
         for path in self._files:
             pf = self._open(path)
             for batch in pf.iter_batches(batch_size=self._batch_rows(pf)):
-                for row in iter_rows(batch, self.batch_bytes):
-                    yield RawRecord(index, index + 1, row)
+                for row, error in iter_rows(batch, self.batch_bytes):
+                    yield RawRecord(index, index + 1, row, None if error is None else f"line {index + 1}: {error}")
                     index += 1
 
     def iter_ids(self) -> Iterator[object | None]:
