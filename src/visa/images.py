@@ -18,6 +18,7 @@ Image references come from user data and are treated as hostile. Two steps, both
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -116,8 +117,9 @@ def image_key(data: bytes) -> str:
 class ImageSource:
     """Reads the bytes of image references, confined to ``root`` and bounded by ``limits``.
 
-    The confinement check resolves every symlink and ``..`` of the path and requires the result to
-    lie under the resolved root, then opens the resolved path without following a final symlink.
+    Paths are opened component by component under a handle on the resolved root (see
+    :class:`_ConfinedPath`), so a path, or a folder swapped for a symlink while the run reads, can
+    never make a file outside the root be opened; an error message never quotes a file's bytes.
     """
 
     def __init__(self, root: Path, limits: ImageLimits = ImageLimits()) -> None:  # noqa: B008 (frozen)
@@ -151,40 +153,22 @@ class ImageSource:
             )
         return data
 
-    def _resolve(self, path: str) -> Path:
+    def _read_file(self, path: str) -> bytes:
         if "\x00" in path:
             raise ImageError("unreadable", f"image path {path!r} contains a NUL byte")
-        relative = Path(path)
-        if relative.is_absolute():
+        if os.path.isabs(path):
             raise ImageError(
                 "path_escape",
                 f"absolute image path '{path}' refused: paths must be relative to the image root",
             )
-        real = Path(os.path.realpath(self._real_root / relative))
-        if not real.is_relative_to(self._real_root):
-            raise ImageError(
-                "path_escape",
-                f"image path '{path}' resolves to '{real}', outside the image root '{self._real_root}'",
-            )
-        return real
-
-    def _read_file(self, path: str) -> bytes:
-        real = self._resolve(path)
-        limit = self.limits.max_bytes
+        fd = _ConfinedPath(self._real_root, path).open()
         try:
-            # O_NONBLOCK: opening a FIFO must not hang; O_NOFOLLOW: the resolved path must not have
-            # been swapped for a symlink since it was checked.
-            fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise ImageError("missing", f"image file '{path}' does not exist under '{self.root}'") from None
-        except OSError as err:
-            if os.path.islink(real):
-                raise ImageError(
-                    "path_escape", f"image path '{path}' changed into a symlink while being read"
-                ) from None
-            raise ImageError(
-                "unreadable", f"cannot open image file '{path}': {err.strerror or err}"
-            ) from None
+            return self._read_fd(fd, path)
+        finally:
+            os.close(fd)
+
+    def _read_fd(self, fd: int, path: str) -> bytes:
+        limit = self.limits.max_bytes
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
@@ -200,8 +184,6 @@ class ImageSource:
             raise ImageError(
                 "unreadable", f"cannot read image file '{path}': {err.strerror or err}"
             ) from None
-        finally:
-            os.close(fd)
         if not data:
             raise ImageError("empty", f"image file '{path}' is empty (0 bytes)")
         if len(data) > limit:
@@ -244,6 +226,119 @@ class ImageSource:
         except (OSError, ValueError) as err:  # connection resets, malformed responses and URLs
             raise ImageError("url_failed", f"cannot fetch '{url}': {err}") from None
         return self._check_size(buffer.getvalue(), f"URL '{url}'")
+
+
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_PATH", 0)
+# O_NONBLOCK: opening a FIFO must not hang; O_NOFOLLOW: a symlink is never followed by the kernel.
+_FILE_FLAGS: Final = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+MAX_SYMLINKS: Final = 40
+
+
+class _ConfinedPath:
+    """Opens a relative path under a root without ever leaving it, whatever changes on disk meanwhile.
+
+    Every component is opened with ``O_NOFOLLOW`` relative to the directory handle of the one before
+    (``openat``), starting from a handle on the root: the kernel never resolves a symlink or a
+    ``..`` on our behalf, so there is no window between checking a path and using it. A symlink
+    component is read (``readlinkat``) and its target walked the same way: a relative target from
+    the directory that holds the link, an absolute one only when it names a place under the root.
+    ``..`` goes back to the handle of the parent directory actually walked through; above the root
+    it is allowed only when the path comes straight back down into the root by its own name (as in
+    ``images/../../root/images/a.jpg``). Anything else that leaves the root is ``path_escape``,
+    decided before the file outside is opened, so no byte of it is ever read.
+    """
+
+    def __init__(self, real_root: Path, path: str) -> None:
+        self.root = real_root
+        self.path = path
+        self.parts: list[str] = list(reversed(path.split("/")))  # a stack: the next component last
+        self.dirs: list[int] = []
+        self.above = 0  # how many levels above the root a leading `..` walk has gone
+        self.hops = 0
+
+    def open(self) -> int:
+        """A file descriptor on the final component (the caller closes it); raises ImageError."""
+        try:
+            self.dirs.append(os.open(self.root, _DIR_FLAGS & ~os.O_NOFOLLOW))
+        except OSError as err:
+            raise ImageError("unreadable", f"cannot open the image root: {err.strerror or err}") from None
+        try:
+            while self.parts:
+                fd = self._step(self.parts.pop())
+                if fd is not None:
+                    return fd
+            raise ImageError("unreadable", f"image path '{self.path}' is a directory")
+        finally:
+            for fd in self.dirs:
+                os.close(fd)
+
+    def _step(self, name: str) -> int | None:
+        if name in ("", "."):
+            return None
+        if name == "..":
+            self._up()
+            return None
+        if self.above:
+            self._back_down(name)
+            return None
+        last = not any(p not in ("", ".") for p in self.parts)
+        try:
+            fd = os.open(name, _FILE_FLAGS if last else _DIR_FLAGS, dir_fd=self.dirs[-1])
+        except OSError as err:
+            self._on_error(name, err)
+            return None
+        if last:
+            return fd
+        self.dirs.append(fd)
+        return None
+
+    def _up(self) -> None:
+        if len(self.dirs) > 1:
+            os.close(self.dirs.pop())
+        elif self.above < len(self.root.parts) - 1:
+            self.above += 1
+        else:
+            self._escape()
+
+    def _back_down(self, name: str) -> None:
+        """Below ``above`` levels over the root, only the root's own ancestors lead back in."""
+        if name != self.root.parts[len(self.root.parts) - self.above]:
+            self._escape()
+        self.above -= 1
+
+    def _on_error(self, name: str, err: OSError) -> None:
+        try:
+            info = os.stat(name, dir_fd=self.dirs[-1], follow_symlinks=False)
+        except OSError:
+            info = None
+        if info is not None and stat.S_ISLNK(info.st_mode):
+            self._follow(name)
+        elif isinstance(err, FileNotFoundError) or err.errno == errno.ENOTDIR:
+            raise ImageError("missing", f"image file '{self.path}' does not exist under the image root") from None
+        else:
+            raise ImageError("unreadable", f"cannot open image file '{self.path}': {err.strerror or err}") from None
+
+    def _follow(self, name: str) -> None:
+        self.hops += 1
+        if self.hops > MAX_SYMLINKS:
+            raise ImageError("unreadable", f"image path '{self.path}' goes through too many symlinks")
+        try:
+            target = os.readlink(name, dir_fd=self.dirs[-1])
+        except OSError:
+            self.parts.append(name)  # no longer a symlink: try the component again
+            return
+        if target.startswith("/"):
+            inside = Path(target).parts[: len(self.root.parts)] == self.root.parts
+            if not inside:
+                self._escape()
+            for fd in self.dirs[1:]:
+                os.close(fd)
+            del self.dirs[1:]
+            target = "/".join(Path(target).parts[len(self.root.parts) :])
+        self.parts.extend(reversed(target.split("/")))
+
+    def _escape(self) -> None:
+        raise ImageError("path_escape", f"image path '{self.path}' leads outside the image root")
 
 
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
@@ -370,7 +465,7 @@ def _unidentified(data: bytes) -> ImageError:
     name = _format_by_signature(data)
     if name is None:
         return ImageError(
-            "not_image", f"data of {len(data)} bytes starting {data[:8]!r} is not a recognised image"
+            "not_image", f"data of {len(data)} bytes is not a recognised image format"
         )
     if len(data) < _SHORT_HEADER:
         return ImageError("truncated", f"{name} data of only {len(data)} bytes ends inside its header")
