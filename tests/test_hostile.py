@@ -210,3 +210,197 @@ def test_folder_swapped_for_a_symlink_while_reading_never_reads_outside(tmp_path
     assert "OUTSIDE-SECRET" not in seen, seen
     assert seen.get("INSIDE", 0) > 0 and seen.get("path_escape", 0) > 0, seen  # the race did happen
     assert set(seen) <= {"INSIDE", "path_escape", "missing"}, seen
+
+
+# -- a damaged run folder ------------------------------------------------------------------------------
+
+LIGHT = """
+name: light
+execution: {shard_size: 3}
+scores:
+  image:
+    agents: [{name: stats, type: image_stats}]
+  light:
+    agents: [{name: mean, type: 'agents_for_tests:MeanBrightness', params: {batch_size: 2}}]
+  words:
+    agents: [{name: answer, type: 'agents_for_tests:AnswerLength'}]
+"""
+
+DAMAGES = {
+    "random": lambda data, rng: rng.randbytes(max(len(data), 16)),
+    "empty": lambda data, rng: b"",
+    "truncated": lambda data, rng: data[: len(data) // 2],
+    "flipped": lambda data, rng: data[:-40] + bytes([data[-40] ^ 0x10]) + data[-39:] if len(data) > 40 else b"x",
+    "invalid": lambda data, rng: b'{"agents": 7, "state": ',
+    "deleted": None,
+}
+
+
+def _store_files(work: Path) -> dict[str, list[Path]]:
+    """The files of a run's store, by kind."""
+    results = sorted(work.glob("results/*/*.parquet"))
+    return {
+        "state": [work / "state.json"],
+        "marker": sorted(work.glob("samples/*.done")),
+        "samples": sorted(work.glob("samples/*.parquet")),
+        "identity": sorted(work.glob("results/*/agent.json")),
+        "results": results,
+    }
+
+
+def _light_dataset(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    (folder / "img").mkdir(parents=True)
+    records = []
+    for i in range(5):
+        Image.linear_gradient("L").resize((40 + i, 30)).point(lambda v, i=i: (v + 40 * i) % 256).save(
+            folder / "img" / f"{i}.png"
+        )
+        for j in range(2):
+            records.append({"id": f"s{i}-{j}", "image": f"img/{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "word " * (j + i + 1)}]})
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]})
+    (folder / "data.json").write_text(json.dumps(records))
+    return folder / "data.json"
+
+
+@pytest.mark.parametrize("kind", ["state", "marker", "samples", "identity", "results"])
+def test_damaged_store_is_recomputed_and_said_so(tmp_path: Path, kind: str) -> None:
+    import random
+    import shutil
+
+    path = tmp_path / "light.yaml"
+    path.write_text(LIGHT)
+    recipe = load_recipe(path)
+    data = _light_dataset(tmp_path)
+    clean = tmp_path / "clean"
+    score(recipe, data, clean)
+    expected = pq.read_table(clean / "scores.parquet")
+    rng = random.Random(kind)
+    for damage, how in DAMAGES.items():
+        run = tmp_path / f"run-{damage}"
+        shutil.copytree(clean, run)
+        files = _store_files(run / "work")[kind]
+        for victim in rng.sample(files, min(len(files), 3)):
+            if how is None:
+                victim.unlink()
+            else:
+                victim.write_bytes(how(victim.read_bytes(), rng))
+        record = score(recipe, data, run)
+        assert same(pq.read_table(run / "scores.parquet"), expected), (kind, damage)
+        # a missing marker is the ordinary state of a shard cut short by a crash (redone without a
+        # note); a missing agent.json is only an identity card, written again
+        if kind not in ("marker", "identity") or how is not None:
+            assert any(note.startswith("repaired:") for note in record["notes"]), (kind, damage, record["notes"])
+        again = score(recipe, data, run)  # the repaired store is whole: nothing left to repair
+        assert not any(note.startswith("repaired:") for note in again["notes"]), (kind, damage, again["notes"])
+        assert again["shards"]["resumed"] == again["shards"]["total"]
+
+
+def test_a_lost_result_is_never_a_silent_null(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even with the resume check switched off, a row whose stored result is gone is an error row."""
+    import visa.scoring
+
+    path = tmp_path / "light.yaml"
+    path.write_text(LIGHT)
+    recipe = load_recipe(path)
+    data = _light_dataset(tmp_path)
+    run = tmp_path / "run"
+    score(recipe, data, run)
+    for victim in sorted((run / "work" / "results").glob("*/*.parquet")):
+        if "seen_brightness" in pq.read_schema(victim).names:  # the sample agent's results
+            victim.unlink()
+            break
+    monkeypatch.setattr(visa.scoring, "missing_results", lambda *args: {})
+    score(recipe, data, run)
+    rows = pq.read_table(run / "scores.parquet").to_pylist()
+    lost = [r for r in rows if r["words.answer"] is None]
+    assert lost and all(r["error_kind"] == "agent" and "no stored result" in r["error"] for r in lost)
+    assert all(r["error"] is None for r in rows if r["words.answer"] is not None)
+
+
+# -- bounded memory ------------------------------------------------------------------------------------
+
+def _big_images(folder: Path, n: int, side: int = 1000) -> Path:
+    """``n`` distinct side x side noise PNGs (~3 MB files, 4 MB each once decoded at 4 bytes a pixel)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    (folder / "img").mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / "img" / f"{i}.png")
+        lines.append(json.dumps({"id": f"r{i}", "image": f"img/{i}.png", "conversations": [
+            {"from": "human", "value": "Describe."}, {"from": "gpt", "value": "Squares."}]}))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "data.jsonl"
+
+
+def test_memory_budget_bounds_payloads_and_decoded_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from visa.images import ImageSource
+    from visa.pipeline import AgentGroup, prepare_shard
+    from visa.readers import open_input
+    from visa.recipe import ExecutionSpec
+
+    data = _big_images(tmp_path / "d", 8)
+    records = list(open_input(data).iter_raw())
+    budget = 1 << 24  # 16 MiB: 8 MiB of file bytes (2 files), 8 MiB of decoded pixels (2 images)
+    file_size = (tmp_path / "d" / "img" / "0.png").stat().st_size
+    execution = ExecutionSpec(memory_budget_bytes=budget)
+    prepared = prepare_shard(0, records, ImageSource(tmp_path / "d"), frozenset(), execution)
+    assert sum(len(b) for b in prepared.payloads.values()) <= budget // 2
+    assert len(prepared.payloads) + len(prepared.reload) == 8
+    assert len(prepared.reload) == 8 - (budget // 2) // file_size
+
+    decoded: list[int] = []
+    real = AgentGroup._decode
+
+    def spy(self, shard, keys, prepared):  # noqa: ANN001, ANN202 - records how many images are held at once
+        decoded.append(len(keys))
+        return real(self, shard, keys, prepared)
+
+    monkeypatch.setattr(AgentGroup, "_decode", spy)
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(STATS.replace("shard_size: 5", f"shard_size: 8, memory_budget_bytes: {budget}"))
+    score(load_recipe(recipe_path), data, tmp_path / "tight")
+    assert decoded and max(decoded) == 2  # two images of 4 MB fit the 8 MiB decoded half
+    decoded.clear()
+    recipe_path.write_text(STATS.replace("shard_size: 5", "shard_size: 8"))
+    score(load_recipe(recipe_path), data, tmp_path / "default")
+    assert max(decoded) == 8
+    tight, default = (pq.read_table(tmp_path / r / "scores.parquet") for r in ("tight", "default"))
+    assert same(tight, default) and tight.column("error").null_count == 8
+
+
+def test_overlong_conversation_is_refused_before_any_agent(tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    turns = lambda answer: [{"from": "human", "value": "Q"}, {"from": "gpt", "value": answer}]  # noqa: E731
+    data.write_text("\n".join(json.dumps({"id": rid, "conversations": turns(a)}) for rid, a in (
+        ("short", "fine"), ("long", "w" * 2_000_001), ("edge", "e" * 999_999))) + "\n")
+    path = tmp_path / "light.yaml"
+    path.write_text(LIGHT)
+    record = score(load_recipe(path), data, tmp_path / "run")
+    rows = pq.read_table(tmp_path / "run" / "scores.parquet").to_pylist()
+    assert [r["error_kind"] for r in rows] == [None, "text_too_long", None]
+    assert "2000002 characters" in rows[1]["error"] and rows[1]["words.answer"] is None
+    assert rows[2]["words.answer"] == 1.0
+    assert record["counts"]["errors"] == {"text_too_long": 1}
+
+
+def test_an_image_read_again_must_be_the_same_image(tmp_path: Path) -> None:
+    from visa.images import ImageError, ImageLimits, ImageSource
+    from visa.pipeline import prepare_shard
+    from visa.readers import open_input
+    from visa.recipe import ExecutionSpec
+
+    data = _big_images(tmp_path / "d", 4)
+    prepared = prepare_shard(0, list(open_input(data).iter_raw()), ImageSource(tmp_path / "d"), frozenset(),
+                             ExecutionSpec(memory_budget_bytes=1 << 24))
+    key, ref = next(iter(prepared.reload.items()))
+    assert prepared.payload(key, ImageLimits()) == (tmp_path / "d" / ref.path).read_bytes()
+    (tmp_path / "d" / ref.path).write_bytes((tmp_path / "d" / "img" / "0.png").read_bytes())
+    with pytest.raises(ImageError, match="changed while the run read it"):
+        prepared.payload(key, ImageLimits())

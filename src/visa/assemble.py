@@ -71,8 +71,10 @@ def assemble(work: WorkDir, shards: int, agents: list[PlannedAgent], decode_fp: 
             index_lists = [[by_key.get(k)] if k is not None else [] for k in sample_keys]
         for i, indices in enumerate(index_lists):
             if error[i] is None:
-                bad = next((errors[j] for j in indices if j is not None and errors[j]), None)
-                if bad is not None:
+                bad = next((None if j is None else errors[j] for j in indices if j is None or errors[j]), "")
+                if bad is None:  # never a silent null: a result the store should hold is not there
+                    bad = "no stored result (the run folder lost it; rerun the same command to recompute it)"
+                if bad:
                     error_kind[i], error[i] = "agent", f"agent {planned.column}: {bad}"
         for field_name, kind in outputs.items():
             column = table.column(field_name) if field_name in table.column_names else pa.nulls(table.num_rows, kind)

@@ -22,7 +22,7 @@ from visa import __version__
 from visa.assemble import assemble
 from visa.families import is_score
 from visa.fusion import unique_image_count
-from visa.pipeline import AgentStats, PlannedAgent, ShardStats, plan_agents
+from visa.pipeline import AgentStats, PlannedAgent, ShardStats, missing_results, plan_agents
 from visa.progress import RunProgress
 from visa.readers import Input, InputError, duplicate_ids, open_input
 from visa.recipe import Recipe, RecipeError
@@ -34,6 +34,7 @@ RECORDED_PACKAGES = (
     "torch", "transformers", "pyarrow", "pillow", "scikit-image", "numpy", "sentence-transformers",
     "rapidocr-onnxruntime", "onnxruntime", "vllm", "ray", "datasets",
 )
+MAX_REPAIR_NOTES = 20
 
 
 @dataclass
@@ -181,7 +182,7 @@ def score(
     run_dir = Path(run_dir)
     folder = RunFolder(run_dir)
     work = WorkDir(run_dir)
-    work.claim(
+    resuming = work.claim(
         {
             "input": str(data),
             "input_fingerprint": inp.fingerprint(),
@@ -189,6 +190,10 @@ def score(
             "shard_size": recipe.execution.shard_size,
         }
     )
+
+    planned, decode = plan_agents(recipe)
+    if resuming:
+        _redo_incomplete_shards(work, planned, decode["fingerprint"])
 
     counting = _CountingIds(inp, progress)
     duplicates = duplicate_ids(counting)  # type: ignore[arg-type]
@@ -210,14 +215,15 @@ def score(
     executor.run(recipe, inp.iter_raw(), root, run_dir, duplicates, on_shard, progress.items)
     scoring_seconds = time.perf_counter() - scoring_started
 
-    planned, decode = plan_agents(recipe)
     assemble_started = time.perf_counter()
     table = assemble(work, tally.shards, planned, decode["fingerprint"])
     table, shapley, clusters = _pool_steps(table, planned, recipe)
     folder.write_table(folder.scores, table)
     assemble_seconds = time.perf_counter() - assemble_started
 
-    notes: list[str] = []
+    notes = [f"repaired: {line}" for line in work.repairs[:MAX_REPAIR_NOTES]]
+    if len(work.repairs) > MAX_REPAIR_NOTES:
+        notes.append(f"repaired: {len(work.repairs) - MAX_REPAIR_NOTES} more damaged or missing pieces")
     if table.num_rows == 0:
         notes.append(f"the input holds no records: {folder.scores.name} is an empty table")
     markers = work.shard_markers()
@@ -296,6 +302,13 @@ def _pool_steps(
 
         table, clusters = add_clusters(table, recipe.clusters)
     return table, shapley, clusters
+
+
+def _redo_incomplete_shards(work: WorkDir, planned: list[PlannedAgent], decode_fp: str) -> None:
+    """Shards marked done whose results the store no longer holds are redone (and said so)."""
+    for shard, lacking in missing_results(work, planned, decode_fp, work.done_shards()).items():
+        work.invalidate_shard(shard)
+        work.repairs.append(f"shard {shard}: results of {', '.join(lacking)} were missing; the shard is redone")
 
 
 def _package_versions() -> dict[str, str]:
