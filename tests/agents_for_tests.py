@@ -118,3 +118,21 @@ class MeanColour(Agent):
             {"embedding": np.asarray(item.image.convert("RGB"), dtype=np.float32).reshape(-1, 3).mean(axis=0).tolist()}
             for item in items
         ]
+
+
+class KillOnce(Agent):
+    """Mean grey level, but the first process to score an image kills itself with SIGKILL (as the
+    out-of-memory killer would), leaving ``marker`` behind so that a rerun goes through."""
+
+    unit = Unit.IMAGE
+
+    class Params(AgentParams):
+        marker: str = ""
+
+    def score_batch(self, items):
+        import signal
+
+        if self.params.marker and not os.path.exists(self.params.marker):
+            open(self.params.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return [{"score": float(np.asarray(item.image.convert("L")).mean())} for item in items]

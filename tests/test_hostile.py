@@ -117,7 +117,12 @@ def test_many_distinct_metadata_fields_are_capped(tmp_path: Path, stats_recipe) 
 
 
 @pytest.mark.parametrize("name", ["empty.jsonl", "blank.jsonl", "array.json", "rows.parquet"])
-def test_empty_input_gives_an_empty_valid_table(tmp_path: Path, stats_recipe, name: str) -> None:
+def test_empty_input_is_one_clear_line(tmp_path: Path, name: str) -> None:
+    """Nothing to score: refused with one line and exit 2 before any model loads, no run folder made."""
+    from visa.assemble import assemble
+    from visa.pipeline import plan_agents
+    from visa.store import WorkDir
+
     data = tmp_path / name
     if name == "empty.jsonl":
         data.write_text("")
@@ -127,11 +132,15 @@ def test_empty_input_gives_an_empty_valid_table(tmp_path: Path, stats_recipe, na
         data.write_text(" [ ] \n")
     else:
         pq.write_table(pa.table({"id": pa.array([], pa.string())}), data)
-    record = score(stats_recipe, data, tmp_path / "run")
-    table = pq.read_table(tmp_path / "run" / "scores.parquet")
+    recipe = tmp_path / "stats.yaml"
+    recipe.write_text(STATS)
+    rc, err = _cli(["score", "--recipe", str(recipe), "--data", str(data), "--out", str(tmp_path / "run")])
+    assert rc == 2 and "no records" in _one_line_error(err)
+    assert not (tmp_path / "run").exists()
+    # and a store with no shards assembles to an empty table with every column, not a KeyError
+    planned, decode = plan_agents(load_recipe(recipe))
+    table = assemble(WorkDir(tmp_path / "empty-run"), 0, planned, decode["fingerprint"])
     assert table.num_rows == 0 and {"row", "sample_id", "error", "image.stats"} <= set(table.column_names)
-    assert record["counts"]["records"] == 0
-    assert any("no records" in note for note in record["notes"])
 
 
 def test_parquet_text_that_is_not_utf8_is_one_error_row(tmp_path: Path, stats_recipe) -> None:
@@ -379,7 +388,7 @@ def test_overlong_conversation_is_refused_before_any_agent(tmp_path: Path) -> No
     data = tmp_path / "d.jsonl"
     turns = lambda answer: [{"from": "human", "value": "Q"}, {"from": "gpt", "value": answer}]  # noqa: E731
     data.write_text("\n".join(json.dumps({"id": rid, "conversations": turns(a)}) for rid, a in (
-        ("short", "fine"), ("long", "w" * 2_000_001), ("edge", "e" * 999_999))) + "\n")
+        ("short", "fine"), ("long", "w" * 2_000_001), ("edge", "e" * 999_997))) + "\n")
     path = tmp_path / "light.yaml"
     path.write_text(LIGHT)
     record = score(load_recipe(path), data, tmp_path / "run")
@@ -404,3 +413,330 @@ def test_an_image_read_again_must_be_the_same_image(tmp_path: Path) -> None:
     (tmp_path / "d" / ref.path).write_bytes((tmp_path / "d" / "img" / "0.png").read_bytes())
     with pytest.raises(ImageError, match="changed while the run read it"):
         prepared.payload(key, ImageLimits())
+
+
+# -- operating-system failures: one line, exit 2, and the rerun resumes -------------------------------
+
+INJECT = """
+import errno, os, sys
+import visa.run_folder, visa.store
+
+budget = int(os.environ["VISA_TEST_WRITES"])
+real = visa.run_folder.atomic_write
+
+def failing(path, content):
+    global budget
+    budget -= 1
+    if budget < 0:
+        raise OSError(int(os.environ["VISA_TEST_ERRNO"]), os.strerror(int(os.environ["VISA_TEST_ERRNO"])))
+    return real(path, content)
+
+visa.run_folder.atomic_write = visa.store.atomic_write = failing
+sys.argv[0] = "visa"
+from visa.cli import main
+main()
+"""
+
+
+def _cli(args: list[str], env: dict[str, str] | None = None, inject: str | None = None) -> tuple[int, str]:
+    import os
+    import subprocess
+    import sys
+
+    code = ["-c", inject] if inject else ["-m", "visa.cli"]
+    tests = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, *code, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": path, **(env or {})})
+    return proc.returncode, proc.stderr
+
+
+def _one_line_error(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize(("code", "words"), [(28, "no space left"), (30, "read-only file system"),
+                                             (13, "permission denied")])
+def test_write_failures_are_one_line_and_the_rerun_resumes(tmp_path: Path, code: int, words: str) -> None:
+    path = tmp_path / "light.yaml"
+    path.write_text(LIGHT)
+    data = _light_dataset(tmp_path)
+    args = ["score", "--recipe", str(path), "--data", str(data), "--out", str(tmp_path / "run")]
+    rc, err = _cli(args, {"VISA_TEST_WRITES": "9", "VISA_TEST_ERRNO": str(code)}, INJECT)
+    assert rc == 2
+    line = _one_line_error(err)
+    assert words in line and "rerun the same command" in line, line
+    assert not list((tmp_path / "run").rglob(".*.tmp"))  # no temporary file left behind
+    rc, err = _cli(["--debug", *args], {"VISA_TEST_WRITES": "0", "VISA_TEST_ERRNO": str(code)}, INJECT)
+    assert rc != 0 and "Traceback" in err  # --debug shows where it failed
+    assert _cli(args)[0] == 0
+    score(load_recipe(path), data, tmp_path / "clean")
+    assert same(pq.read_table(tmp_path / "run" / "scores.parquet"), pq.read_table(tmp_path / "clean" / "scores.parquet"))
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path: Path) -> None:
+    """A real full file system: a 64 KiB tmpfs (needs root and mount; else skipped, the injected
+    ENOSPC above still runs)."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        path = tmp_path / "light.yaml"
+        path.write_text(LIGHT)
+        data = _light_dataset(tmp_path)
+        args = ["score", "--recipe", str(path), "--data", str(data), "--out", str(mount / "run")]
+        rc, err = _cli(args)
+        assert rc == 2 and "no space left" in _one_line_error(err)
+        assert not list(mount.rglob(".*.tmp"))
+        subprocess.run(["mount", "-o", "remount,size=16m", str(mount)], check=True)
+        assert _cli(args)[0] == 0
+        score(load_recipe(path), data, tmp_path / "clean")
+        assert same(pq.read_table(mount / "run" / "scores.parquet"), pq.read_table(tmp_path / "clean" / "scores.parquet"))
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_killed_worker_is_one_line_and_the_rerun_resumes(tmp_path: Path) -> None:
+    data = _light_dataset(tmp_path)
+    path = tmp_path / "kill.yaml"
+    path.write_text(f"""
+execution: {{shard_size: 3}}
+scores:
+  light:
+    agents: [{{name: mean, type: 'agents_for_tests:KillOnce', params: {{marker: '{tmp_path / "killed"}'}}}}]
+""")
+    args = ["score", "--recipe", str(path), "--data", str(data), "--out", str(tmp_path / "run"), "--workers", "2"]
+    rc, err = _cli(args)
+    assert rc == 2 and "worker process died" in _one_line_error(err)
+    assert _cli(args)[0] == 0
+    rows = pq.read_table(tmp_path / "run" / "scores.parquet").to_pylist()
+    assert len(rows) == 11 and all(r["error"] is None for r in rows)
+    assert all(r["light.mean"] is not None for r in rows if r["image_key"])
+
+
+# -- a shared run folder ---------------------------------------------------------------------------------
+
+def test_a_second_command_on_a_busy_run_folder_is_refused_or_waits(tmp_path: Path) -> None:
+    import os
+    import threading
+    import time
+
+    from visa.run_lock import RunLock
+
+    data = _light_dataset(tmp_path)
+    path = tmp_path / "light.yaml"
+    path.write_text(LIGHT)
+    run = tmp_path / "run"
+    args = ["score", "--recipe", str(path), "--data", str(data), "--out", str(run)]
+    with RunLock(run):  # this test process plays the visa command that is using the folder
+        (run / "work").mkdir()
+        in_flight = run / "work" / ".state.json.123.tmp"  # a file the holder is writing
+        in_flight.write_text("{}")
+        rc, err = _cli(args)
+        assert rc == 2 and f"pid {os.getpid()}" in _one_line_error(err) and "--wait" in err
+        assert in_flight.exists() and not (run / "scores.parquet").exists()  # nothing of the holder's touched
+    holder = RunLock(run).__enter__()
+    released = threading.Timer(3.0, holder.__exit__, (None, None, None))
+    started = time.monotonic()
+    released.start()
+    try:
+        rc, err = _cli([*args, "--wait"])  # queues behind the holder, then runs
+    finally:
+        released.join()
+    assert rc == 0 and time.monotonic() - started >= 3.0, err[-2000:]
+    score(load_recipe(path), data, tmp_path / "clean")
+    assert same(pq.read_table(run / "scores.parquet"), pq.read_table(tmp_path / "clean" / "scores.parquet"))
+
+
+def test_an_input_inside_the_run_folder_outputs_is_refused(tmp_path: Path, stats_recipe) -> None:
+    from visa.readers import InputError
+
+    run = tmp_path / "run"
+    (run / "work").mkdir(parents=True)
+    for name in ("scores.parquet", "run.json", "selected.jsonl", "work/data.jsonl"):
+        data = run / name
+        data.write_text('{"id": "a", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}\n')
+        with pytest.raises(InputError, match="run folder's own"):
+            score(stats_recipe, data, run)
+        assert data.read_text().startswith('{"id": "a"')  # untouched
+    inside = run / "mine.jsonl"  # a file of the user's own inside --out is fine
+    inside.write_text((run / "run.json").read_text())
+    score(stats_recipe, inside, run)
+
+
+def test_datasets_folder_listing_files_outside_itself_is_refused(tmp_path: Path) -> None:
+    from visa.readers import InputError
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "data-00000-of-00001.arrow").write_bytes(b"")
+    (tmp_path / "secret.arrow").write_bytes(b"")
+    for name in ("../secret.arrow", "/etc/passwd", "sub/../../secret.arrow"):
+        (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": name}]}))
+        with pytest.raises(InputError, match="must be .arrow files of the folder itself"):
+            open_input(folder).files()
+
+
+def test_run_folder_inside_the_input_folder_is_refused(tmp_path: Path, stats_recipe) -> None:
+    from visa.readers import InputError
+
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": ["a"], "conversations": [[{"from": "human", "value": "Q"},
+                                                              {"from": "gpt", "value": "A"}]]}), folder / "0.parquet")
+    for out in (folder, folder / "run"):
+        with pytest.raises(InputError, match="inside the input folder"):
+            score(stats_recipe, folder, out)
+    assert sorted(p.name for p in folder.iterdir()) == ["0.parquet"]
+
+
+# -- visa select writes one generation ---------------------------------------------------------------------
+
+KILL_AT = """
+import os, signal, sys
+count = 0
+limit = int(os.environ["VISA_TEST_KILL_AT"])
+
+def counted(real):
+    def call(*args, **kwargs):
+        global count
+        count += 1
+        if count == limit:
+            os.kill(os.getpid(), signal.SIGKILL)  # as abrupt as a power cut for this process
+        result = real(*args, **kwargs)
+        with open(os.environ["VISA_TEST_COUNT"], "w") as fh:
+            fh.write(str(count))
+        return result
+    return call
+
+os.replace, os.rename = counted(os.replace), counted(os.rename)
+sys.argv[0] = "visa"
+from visa.cli import main
+main()
+"""
+
+
+def _selection_set(run: Path) -> tuple:
+    """What identifies one selection's outputs: the files' bytes and run.json's selection counts."""
+    files = tuple((run / n).read_bytes() if (run / n).exists() else None
+                  for n in ("selection.parquet", "selected.json", "dataset_info.json"))
+    summary = json.loads((run / "run.json").read_text()).get("selection") or {}
+    return (*files, summary.get("selected"), summary.get("budget"))
+
+
+def test_select_killed_at_any_point_leaves_the_old_or_the_new_set(tmp_path: Path) -> None:
+    import shutil
+
+    from visa.run_folder import RunFolder
+
+    path = tmp_path / "light.yaml"
+    path.write_text(LIGHT)
+    data = _light_dataset(tmp_path)
+    base = tmp_path / "base"
+    score(load_recipe(path), data, base)
+    assert _cli(["select", str(base), "--budget", "3"])[0] == 0
+    old = _selection_set(base)
+    new_run = tmp_path / "new"
+    shutil.copytree(base, new_run)
+    count_file = tmp_path / "count"
+    env = {"VISA_TEST_KILL_AT": "0", "VISA_TEST_COUNT": str(count_file)}
+    assert _cli(["select", str(new_run), "--budget", "7"], env, KILL_AT)[0] == 0
+    new = _selection_set(new_run)
+    points = int(count_file.read_text())
+    assert old != new and points >= 5
+    outcomes = []
+    for k in range(1, points + 1):
+        run = tmp_path / f"kill{k}"
+        shutil.copytree(base, run)
+        rc, err = _cli(["select", str(run), "--budget", "7"], {**env, "VISA_TEST_KILL_AT": str(k)}, KILL_AT)
+        assert rc == -9, (k, rc, err[-1500:])
+        folder = RunFolder(run)
+        with folder.lock():  # what the next visa command does first
+            folder.recover()
+        now = _selection_set(run)
+        assert now in (old, new), k
+        outcomes.append("new" if now == new else "old")
+        leftovers = [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".lock"]
+        assert leftovers == [], (k, leftovers)
+    assert "old" in outcomes and "new" in outcomes, outcomes  # kills landed before and after the commit point
+
+
+def test_select_refuses_an_input_among_its_outputs_and_a_damaged_score_table(tmp_path: Path) -> None:
+    import shutil
+
+    path = tmp_path / "light.yaml"
+    path.write_text(LIGHT)
+    run = tmp_path / "run"
+    data = _light_dataset(tmp_path)
+    score(load_recipe(path), data, run)
+    # the input moved to where selection writes its records (score refuses that; an older run.json may not)
+    shutil.copyfile(data, run / "selected.json")
+    record = json.loads((run / "run.json").read_text())
+    record["input"].update(path=str(run / "selected.json"), fingerprint=open_input(run / "selected.json").fingerprint())
+    (run / "run.json").write_text(json.dumps(record))
+    before = (run / "selected.json").read_bytes()
+    rc, err = _cli(["select", str(run), "--budget", "3"])
+    assert rc == 2 and "run folder's own 'selected.json'" in _one_line_error(err)
+    assert (run / "selected.json").read_bytes() == before and not (run / "selection.parquet").exists()
+
+    other = tmp_path / "other"
+    score(load_recipe(path), data, other)
+    scores = other / "scores.parquet"
+    for damage in (b"", b"PAR1" + bytes(64), scores.read_bytes()[: scores.stat().st_size // 2]):
+        scores.write_bytes(damage)
+        rc, err = _cli(["select", str(other), "--budget", "3"])
+        assert rc == 2 and "rerun `visa score`" in _one_line_error(err), err[-1500:]
+    assert _cli(["score", "--recipe", str(path), "--data", str(data), "--out", str(other)])[0] == 0
+    assert _cli(["select", str(other), "--budget", "3"])[0] == 0
+
+
+# -- the whole hostile corpus on every executor --------------------------------------------------------------
+
+def _combined_corpus(folder: Path) -> tuple[Path, list[str | None]]:
+    """The hostile image corpus followed by the hostile JSON records (same image root); expected kinds in order."""
+    data, expected_images = hostile.build_hostile_corpus(folder)
+    image_lines = [line for line in data.read_text().splitlines() if line.strip()]
+    kinds: list[str | None] = []
+    for k, line in enumerate(image_lines):
+        try:
+            kinds.append(expected_images[json.loads(line)["id"]])
+        except ValueError:
+            kinds.append(expected_images[f"row:{k}"])
+    jsonl, _, expected_json = hostile.write_hostile_json(folder / "json", seed=5)
+    json_lines = [line.replace('"images/chelsea.jpg"', '"json/images/chelsea.jpg"')
+                  for line in jsonl.read_text().splitlines() if line.strip()]
+    data.write_text("\n".join(image_lines + json_lines) + "\n")
+    return data, kinds + list(expected_json.values())
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("executor", ["workers", "ray"])
+def test_hostile_corpus_end_to_end_on_every_executor(tmp_path: Path, executor: str) -> None:
+    if executor == "ray":
+        pytest.importorskip("ray")
+    data, kinds = _combined_corpus(tmp_path / "h")
+    recipe = tmp_path / "cheap.yaml"
+    recipe.write_text("""
+execution: {shard_size: 7}
+scores:
+  image:
+    agents: [{name: stats, type: image_stats, pool: {cpus: 0.5}}]
+  sc:
+    agents: [{name: felzenszwalb, type: felzenszwalb, pool: {cpus: 0.5}}]
+""")
+    score(load_recipe(recipe), data, tmp_path / "in-process")
+    reference = pq.read_table(tmp_path / "in-process" / "scores.parquet")
+    assert [r["error_kind"] for r in reference.select(["error_kind"]).to_pylist()] == kinds
+    extra = ["--workers", "2"] if executor == "workers" else ["--executor", "ray"]
+    env = {"RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
+    run = tmp_path / executor
+    rc, err = _cli(["score", "--recipe", str(recipe), "--data", str(data), "--out", str(run), *extra], env)
+    assert rc == 0, err[-3000:]
+    assert same(pq.read_table(run / "scores.parquet"), reference)
+    rc, err = _cli(["score", "--recipe", str(recipe), "--data", str(data), "--out", str(run), *extra], env)
+    assert rc == 0 and same(pq.read_table(run / "scores.parquet"), reference), err[-3000:]  # resumed: same table

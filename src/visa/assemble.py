@@ -69,13 +69,7 @@ def assemble(work: WorkDir, shards: int, agents: list[PlannedAgent], decode_fp: 
             index_lists = [[by_key.get(k) for k in keys or ()] for keys in image_keys]
         else:
             index_lists = [[by_key.get(k)] if k is not None else [] for k in sample_keys]
-        for i, indices in enumerate(index_lists):
-            if error[i] is None:
-                bad = next((None if j is None else errors[j] for j in indices if j is None or errors[j]), "")
-                if bad is None:  # never a silent null: a result the store should hold is not there
-                    bad = "no stored result (the run folder lost it; rerun the same command to recompute it)"
-                if bad:
-                    error_kind[i], error[i] = "agent", f"agent {planned.column}: {bad}"
+        _mark_agent_errors(planned.column, index_lists, errors, error_kind, error)
         for field_name, kind in outputs.items():
             column = table.column(field_name) if field_name in table.column_names else pa.nulls(table.num_rows, kind)
             agent_values[planned.bound.column_of(field_name)] = _join(column, kind, index_lists, n)
@@ -85,6 +79,21 @@ def assemble(work: WorkDir, shards: int, agents: list[PlannedAgent], decode_fp: 
     columns.update(_meta_columns(samples.column("meta").to_pylist()))
     columns.update(agent_values)
     return pa.table(columns)
+
+
+def _mark_agent_errors(
+    column: str, index_lists: list[list[int | None]], errors: list[str | None], error_kind: list[str | None],
+    error: list[str | None],
+) -> None:
+    """A row with no error yet gets the agent's error for one of its keys, or, when the store holds
+    no result for one of them, says so: a missing result is never a silent null."""
+    for i, indices in enumerate(index_lists):
+        if error[i] is None:
+            bad = next((None if j is None else errors[j] for j in indices if j is None or errors[j]), "")
+            if bad is None:
+                bad = "no stored result (the run folder lost it; rerun the same command to recompute it)"
+            if bad:
+                error_kind[i], error[i] = "agent", f"agent {column}: {bad}"
 
 
 def _unique_ids(ids: list[str]) -> pa.Array:

@@ -23,6 +23,16 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
+_debug = False
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="on an error, show the full traceback")] = False,
+) -> None:
+    """Pick the most valuable samples of a visual instruction-tuning set (ViSA)."""
+    global _debug
+    _debug = debug
 
 DEFAULT_RECIPE = "embedded"
 RecipeOpt = Annotated[
@@ -44,6 +54,9 @@ WorkersOpt = Annotated[int, typer.Option("--workers", "-w", min=1, help="worker 
 ExecutorOpt = Annotated[
     str, typer.Option("--executor", help="local: this machine (--workers processes); ray: a Ray cluster (visa[ray])")
 ]
+WaitOpt = Annotated[
+    bool, typer.Option("--wait", help="if another visa command is using the run folder, wait for it instead of stopping")
+]
 RayAddressOpt = Annotated[
     str | None,
     typer.Option("--ray-address", help="for --executor ray: 'auto' on a cluster node, ray://HOST:10001; default: start Ray here"),
@@ -63,12 +76,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from visa.executors.ray import ExecutorError
     from visa.readers import InputError
     from visa.recipe import RecipeError
+    from visa.run_lock import RunFolderBusy
     from visa.selection import SelectionError
     from visa.store import WorkDirMismatch
 
     return (
         RecipeError, InputError, WorkDirMismatch, FileNotFoundError, NotADirectoryError, PermissionError,
-        MissingDependency, ExecutorError, SelectionError,
+        MissingDependency, ExecutorError, SelectionError, RunFolderBusy,
     )
 
 
@@ -144,7 +158,7 @@ def check_selection(recipe: Any, overrides: dict[str, Any]) -> None:
 def run_score(
     recipe_name: str, data: Path, out_dir: Path, image_root: Path | None, workers: int,
     executor: str = "local", ray_address: str | None = None, *, allow_missing_images: bool = False,
-    selection: dict[str, Any] | None = None,
+    selection: dict[str, Any] | None = None, wait: bool = False,
 ) -> dict[str, Any]:
     """`visa score`. ``selection`` holds the options of a `visa select` that follows (`visa run`):
     they are validated with everything else before scoring."""
@@ -158,7 +172,7 @@ def run_score(
         with make_progress(console) as bars:
             record = score(
                 recipe, data, out_dir, image_root=image_root, workers=workers, executor=runner,
-                progress=RunProgress(bars), stop_on_missing=not allow_missing_images,
+                progress=RunProgress(bars), stop_on_missing=not allow_missing_images, wait=wait,
             )
     except _user_errors() as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
@@ -170,11 +184,12 @@ def run_score(
 def score_cmd(
     data: DataOpt, out: OutOpt, recipe: RecipeOpt = DEFAULT_RECIPE, image_root: RootOpt = None,
     workers: WorkersOpt = 1, executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None,
-    allow_missing_images: AllowMissingOpt = False,
+    allow_missing_images: AllowMissingOpt = False, wait: WaitOpt = False,
 ) -> None:
     """Score every record with the recipe's agents into OUT/scores.parquet (resumable)."""
     run_score(
-        recipe, data, out, image_root, workers, executor, ray_address, allow_missing_images=allow_missing_images
+        recipe, data, out, image_root, workers, executor, ray_address, allow_missing_images=allow_missing_images,
+        wait=wait,
     )
 
 
@@ -214,12 +229,15 @@ def _opt(name: str, *flags: str) -> Any:
     )
 
 
-def run_select(run_dir: Path, overrides: dict[str, Any], write_records: bool = True) -> dict[str, Any]:
+def run_select(
+    run_dir: Path, overrides: dict[str, Any], write_records: bool = True, wait: bool = False
+) -> dict[str, Any]:
     from visa.progress import selection_table
     from visa.selection import read_run, resolve_options, select
 
     try:
-        result = select(run_dir, resolve_options(read_run(run_dir), overrides), write_records=write_records)
+        options = resolve_options(read_run(run_dir), overrides)
+        result = select(run_dir, options, write_records=write_records, wait=wait)
     except _user_errors() as err:
         _fail(str(err).splitlines()[0])
     out.print(selection_table(result.summary))
@@ -250,13 +268,14 @@ def select_cmd(
         bool,
         typer.Option("--no-records", help="write selection.parquet only (earlier record outputs and report are removed)"),
     ] = False,
+    wait: WaitOpt = False,
 ) -> None:
     """Select a subset from scored RUN_DIR (model-free: reruns in seconds with other options).
 
     An option not given takes the value of the recipe's selection: section, else the default shown.
     """
-    overrides = {k: v for k, v in locals().items() if k not in {"run_dir", "no_records"}}
-    run_select(run_dir, overrides, write_records=not no_records)
+    overrides = {k: v for k, v in locals().items() if k not in {"run_dir", "no_records", "wait"}}
+    run_select(run_dir, overrides, write_records=not no_records, wait=wait)
 
 
 @app.command("run")
@@ -282,10 +301,17 @@ def run_cmd(
 
 def run_report(run_dir: Path, gallery_size: int = 12) -> Path:
     from visa.report import ReportError, build_report
+    from visa.run_folder import RunFolder
 
+    folder = RunFolder(run_dir)
     try:
-        path = build_report(run_dir, gallery_size=gallery_size)
-    except ReportError as err:
+        if not folder.path.is_dir():
+            path = build_report(run_dir, gallery_size=gallery_size)  # says what is missing
+        else:
+            with folder.lock():  # no other command writes meanwhile; an interrupted selection is completed
+                folder.recover()
+                path = build_report(run_dir, gallery_size=gallery_size)
+    except (ReportError, *_user_errors()) as err:
         _fail(str(err).splitlines()[0])
     out.print(f"report: {path}")
     return path
@@ -369,11 +395,18 @@ _register_subcommands()
 
 
 def main() -> None:
+    from visa.os_errors import FIXABLE, describe
+
     try:
         app()
     except KeyboardInterrupt:
         console.print("interrupted: rerun the same command to resume")
         sys.exit(130)
+    except FIXABLE as err:  # the disk, the permissions, a killed worker: one line, not a traceback
+        if _debug:
+            raise
+        console.print(Text.assemble(("error: ", "bold red"), describe(err)), soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

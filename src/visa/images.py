@@ -439,6 +439,19 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
             raise _decode_failure(err, data) from None
 
 
+def decoded_size(data: bytes) -> int:
+    """About how many bytes ``data`` takes once decoded (4 per pixel, from the header alone; 0 when
+    the header cannot be read, in which case decoding fails at once)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data), formats=_accepted_formats()) as image:
+                width, height = image.size
+    except Exception:  # noqa: BLE001 - hostile bytes: the decoder reports the real problem later
+        return 0
+    return max(0, width) * max(0, height) * 4
+
+
 def load_image(src: ImageSource, ref: ImageRef) -> tuple[str, Image.Image]:
     """Read and decode one reference: ``(image_key, RGB image)``."""
     data = src.read_bytes(ref)

@@ -31,9 +31,9 @@ from typing import Any
 import pyarrow as pa
 
 from visa.agents.base import Agent, ImageItem, Result, SampleItem, Unit
-from visa.images import ImageError, ImageLimits, ImageSource, decode_image, image_key
-from visa.recipe import BoundAgent, Recipe
-from visa.samples import RawRecord, RecordError, Sample, normalize, sample_id, stable_hash
+from visa.images import ImageError, ImageLimits, ImageSource, decode_image, decoded_size, image_key
+from visa.recipe import BoundAgent, ExecutionSpec, Recipe
+from visa.samples import ImageRef, RawRecord, RecordError, Sample, normalize, sample_id, stable_hash
 from visa.store import ResultIndex, WorkDir, fingerprint
 
 DECODE_VERSION = "1"
@@ -206,25 +206,78 @@ class PreparedShard:
     payloads: dict[str, bytes]
     stats: ShardStats
     produced: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    #: image keys whose bytes were not kept (over the memory budget): read again when decoded
+    reload: dict[str, ImageRef] = field(default_factory=dict)
+    image_root: str | None = None
+    #: key -> bytes its decoded pixels take, estimated from the image header
+    decoded_sizes: dict[str, int] = field(default_factory=dict)
+    #: the most bytes of decoded pixels held at once (None: no limit)
+    decode_budget: int | None = None
 
     def drop_inputs(self, *, payloads: bool = True, samples: bool = True) -> None:
         """Forget what no later stage needs (keeps shards small when they travel between processes)."""
         if payloads:
             self.payloads = {}
+            self.reload = {}
         if samples:
             self.samples = {}
 
+    def payload(self, key: str, limits: ImageLimits) -> bytes:
+        """The bytes of image ``key``: kept in memory, or read again (and checked to be the same image)."""
+        data = self.payloads.get(key)
+        if data is not None:
+            return data
+        ref = self.reload[key]
+        data = ImageSource(Path(self.image_root or "."), limits).read_bytes(ref)
+        if image_key(data) != key:
+            raise ImageError("unreadable", f"image file '{ref.describe()}' changed while the run read it")
+        return data
+
+
+@dataclass
+class _Reader:
+    """Reads a shard's images, keeping at most ``budget`` bytes of file payloads in memory."""
+
+    source: ImageSource
+    budget: int | None
+    payloads: dict[str, bytes] = field(default_factory=dict)
+    reload: dict[str, ImageRef] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    held: int = 0
+
+    def key_of(self, ref: ImageRef) -> str:
+        data = self.source.read_bytes(ref)  # raises ImageError
+        key = image_key(data)
+        if key in self.payloads or key in self.reload:
+            return key
+        self.sizes[key] = decoded_size(data)
+        if ref.data is None and self.budget is not None and self.held + len(data) > self.budget:
+            self.reload[key] = ref  # a file: read again when it is decoded
+        else:
+            self.payloads[key] = data
+            self.held += 0 if ref.data is not None else len(data)  # embedded bytes are held by the record
+        return key
+
 
 def prepare_shard(
-    shard: int, records: Sequence[RawRecord], source: ImageSource, duplicates: frozenset[str]
+    shard: int,
+    records: Sequence[RawRecord],
+    source: ImageSource,
+    duplicates: frozenset[str],
+    execution: ExecutionSpec | None = None,
 ) -> PreparedShard:
     """Normalise every record, read its images' bytes and key them by content (no decoding, no store).
 
-    A record that cannot be used becomes a row with its error (``malformed``, or the image error's kind).
+    A record that cannot be used becomes a row with its error (``malformed``, ``text_too_long``, or
+    the image error's kind). With ``execution``, its memory budget bounds what the shard holds: half
+    for image file bytes (beyond it, an image's bytes are read again when decoded), half for decoded
+    pixels at once; and conversations longer than ``max_text_chars`` are refused before any agent
+    (or tokenizer) sees them.
     """
+    budget = execution.memory_budget_bytes // 2 if execution is not None else None
+    reader = _Reader(source, budget)
     stats = ShardStats(shard=shard, records=len(records))
     rows: list[dict[str, Any]] = []
-    payloads: dict[str, bytes] = {}
     samples: dict[int, Sample] = {}
     for raw in records:
         row: dict[str, Any] = {
@@ -232,39 +285,68 @@ def prepare_shard(
             "sample_key": None, "text_hash": None, "error_kind": None, "error": None, "meta": None,
         }
         rows.append(row)
+        sample = _prepare_row(row, raw, reader, duplicates, stats, execution)
+        if sample is not None:
+            samples[raw.index] = sample
+    return PreparedShard(
+        shard, rows, samples, reader.payloads, stats, reload=reader.reload, image_root=str(source.root),
+        decoded_sizes=reader.sizes, decode_budget=budget,
+    )
+
+
+def _prepare_row(
+    row: dict[str, Any], raw: RawRecord, reader: _Reader, duplicates: frozenset[str], stats: ShardStats,
+    execution: ExecutionSpec | None,
+) -> Sample | None:
+    """Fill ``row`` for one record; the sample when it is usable, else None (the row has the error)."""
+    try:
+        if raw.record is None:
+            raise RecordError(raw.error or "unreadable record")
+        sample = normalize(raw)
+    except RecordError as err:
+        record_id = (raw.record or {}).get("id") if isinstance(raw.record, dict) else None
+        row["sample_id"] = str(record_id) if record_id is not None else f"row:{raw.index}"
+        message = str(err)
+        _fail(row, stats, "malformed", message if message.startswith("line ") else f"line {raw.line}: {message}")
+        stats.malformed_lines.append(raw.line)
+        return None
+    sid = sample_id(sample, duplicates)
+    row["sample_id"] = sid
+    row["meta"] = json.dumps(sample.meta, ensure_ascii=False, sort_keys=True, default=str)
+    size = sum(len(t.text) + 1 for t in sample.turns)  # a turn counts one character more: no endless empty turns
+    if execution is not None and size > execution.max_text_chars:
+        _fail(row, stats, "text_too_long", f"the conversation has {size - len(sample.turns)} characters in "
+              f"{len(sample.turns)} turns, more than execution.max_text_chars={execution.max_text_chars}")
+        return None
+    keys: list[str] = []
+    for position, ref in enumerate(sample.images):
         try:
-            if raw.record is None:
-                raise RecordError(raw.error or "unreadable record")
-            sample = normalize(raw)
-        except RecordError as err:
-            record_id = (raw.record or {}).get("id") if isinstance(raw.record, dict) else None
-            row["sample_id"] = str(record_id) if record_id is not None else f"row:{raw.index}"
-            message = str(err)
-            _fail(row, stats, "malformed", message if message.startswith("line ") else f"line {raw.line}: {message}")
-            stats.malformed_lines.append(raw.line)
-            continue
-        sid = sample_id(sample, duplicates)
-        row["sample_id"] = sid
-        row["meta"] = json.dumps(sample.meta, ensure_ascii=False, sort_keys=True, default=str)
-        keys: list[str] = []
-        for position, ref in enumerate(sample.images):
-            try:
-                data = source.read_bytes(ref)
-            except ImageError as err:
-                where = f" (image {position + 1} of {len(sample.images)})" if len(sample.images) > 1 else ""
-                _fail(row, stats, err.kind, f"{err.message}{where}")
-                break
-            key = image_key(data)
-            payloads.setdefault(key, data)
-            keys.append(key)
-        if row["error"] is not None:
-            continue
-        row["image_keys"] = keys
-        row["image_key"] = keys[0] if len(keys) == 1 else (stable_hash(keys) if keys else None)
-        row["sample_key"] = sample_key(sid, sample, keys)
-        row["text_hash"] = stable_hash([[t.role, t.text] for t in sample.turns])
-        samples[raw.index] = sample
-    return PreparedShard(shard, rows, samples, payloads, stats)
+            keys.append(reader.key_of(ref))
+        except ImageError as err:
+            where = f" (image {position + 1} of {len(sample.images)})" if len(sample.images) > 1 else ""
+            _fail(row, stats, err.kind, f"{err.message}{where}")
+            return None
+    row["image_keys"] = keys
+    row["image_key"] = keys[0] if len(keys) == 1 else (stable_hash(keys) if keys else None)
+    row["sample_key"] = sample_key(sid, sample, keys)
+    row["text_hash"] = stable_hash([[t.role, t.text] for t in sample.turns])
+    return sample
+
+
+def _budget_chunks(items: Sequence[Any], count: int, cost: Callable[[Any], int], budget: int | None) -> Iterator[list[Any]]:
+    """Consecutive chunks of at most ``count`` items whose summed ``cost`` stays within ``budget``
+    (an item that alone costs more than the budget makes a chunk of its own)."""
+    part: list[Any] = []
+    used = 0
+    for item in items:
+        c = cost(item)
+        if part and (len(part) >= count or (budget is not None and used + c > budget)):
+            yield part
+            part, used = [], 0
+        part.append(item)
+        used += c
+    if part:
+        yield part
 
 
 def _fail(row: dict[str, Any], stats: ShardStats, kind: str, message: str) -> None:
@@ -301,6 +383,55 @@ def needed_fields(agents: Sequence[PlannedAgent]) -> dict[str, tuple[str, ...]]:
         for fp, field_name in planned.needs.values():
             fields.setdefault(fp, set()).add(field_name)
     return {fp: tuple(sorted(names)) for fp, names in fields.items()}
+
+
+def missing_results(
+    work: WorkDir, planned: Sequence[PlannedAgent], decode_fp: str, shards: Sequence[int]
+) -> dict[int, list[str]]:
+    """Done shards whose rows lack a stored result that their marker promises: shard -> what lacks.
+
+    The expectation follows :class:`AgentGroup`: every image key of a usable row has a decode
+    result; every image that decoded has a result from each image agent; every usable row whose
+    images decoded (or every usable row, for agents that do not use images) has a result from each
+    sample agent. A result file lost or removed as damaged thus shows up here, and the shard is redone.
+    """
+    if not shards:
+        return {}
+    decoded = work.result_keys(decode_fp)
+    failed = work.result_keys(decode_fp, failed=True)
+    stored = {p.fingerprint: work.result_keys(p.fingerprint) for p in planned}
+    markers = {m["shard"]: set(m["agents"]) for m in work.shard_markers() if isinstance(m.get("shard"), int)}
+    missing: dict[int, list[str]] = {}
+    for shard in shards:
+        table = work.read_shard(shard)
+        rows = table.filter(pa.compute.is_null(table.column("error"))).to_pylist()
+        covered = markers.get(shard, set())
+        lacking = _lacking(rows, planned, covered, decode_fp, decoded, failed, stored)
+        if lacking:
+            missing[shard] = lacking
+    return missing
+
+
+def _lacking(
+    rows: list[dict[str, Any]], planned: Sequence[PlannedAgent], covered: set[str], decode_fp: str,
+    decoded: set[str], failed: set[str], stored: dict[str, set[str]],
+) -> list[str]:
+    image_keys = {k for r in rows for k in r["image_keys"] or ()}
+    lacking = ["image decoding"] if decode_fp in covered and not image_keys <= decoded else []
+    usable = image_keys - failed
+    for p in planned:
+        if p.fingerprint not in covered:
+            continue
+        if p.agent.unit == Unit.IMAGE:
+            wanted = usable
+        else:
+            wanted = {
+                r["sample_key"] for r in rows
+                if not p.agent.uses_images or not set(r["image_keys"] or ()) & failed
+            }
+        if not wanted <= stored[p.fingerprint]:
+            lacking.append(p.column)
+    return lacking
 
 
 class AgentGroup:
@@ -367,13 +498,13 @@ class AgentGroup:
         self._run_sample_agents(prepared, progress)
 
     # -- internals ----------------------------------------------------------------------------------
-    def _decode(self, shard: int, keys: Sequence[str], payloads: dict[str, bytes]) -> dict[str, Any]:
+    def _decode(self, shard: int, keys: Sequence[str], prepared: PreparedShard) -> dict[str, Any]:
         """Decode images once; record the outcome under the decoder's fingerprint."""
         images: dict[str, Any] = {}
         results: list[Result] = []
         for key in keys:
             try:
-                image = decode_image(payloads[key], self.limits)
+                image = decode_image(prepared.payload(key, self.limits), self.limits)
                 images[key] = image
                 results.append({"width": image.width, "height": image.height})
             except ImageError as err:
@@ -414,13 +545,14 @@ class AgentGroup:
         image_agents = [p for p in self.members if p.agent.unit == Unit.IMAGE]
         if not image_agents:
             return
-        shard, payloads, stats = prepared.shard, prepared.payloads, prepared.stats
+        shard, stats = prepared.shard, prepared.stats
         todo = {p.fingerprint: [k for k in keys if k not in self.index[p.fingerprint]] for p in image_agents}
         need_decode = sorted({k for ks in todo.values() for k in ks})
         chunk = max([16, *(p.agent.params.batch_size for p in image_agents)])
         produced: dict[str, list[pa.Table]] = {p.fingerprint: [] for p in image_agents}
-        for part in _chunks(need_decode, chunk):
-            images = self._decode(shard, part, payloads)
+        size = prepared.decoded_sizes.get
+        for part in _budget_chunks(need_decode, chunk, lambda k: size(k, 0), prepared.decode_budget):
+            images = self._decode(shard, part, prepared)
             for planned in image_agents:
                 wanted = [k for k in part if k in images and k not in self.index[planned.fingerprint]]
                 if not wanted:
@@ -439,11 +571,16 @@ class AgentGroup:
         sample_agents = [p for p in self.members if p.agent.unit == Unit.SAMPLE]
         if not sample_agents:
             return
-        shard, samples, payloads, stats = prepared.shard, prepared.samples, prepared.payloads, prepared.stats
+        shard, samples, stats = prepared.shard, prepared.samples, prepared.stats
         good = [r for r in prepared.rows if r["error"] is None and r["row"] in samples]
         produced: dict[str, list[pa.Table]] = {p.fingerprint: [] for p in sample_agents}
         chunk = max([16, *(p.agent.params.batch_size for p in sample_agents)])
-        for part in _chunks(good, chunk):
+        uses_images = any(p.agent.uses_images for p in sample_agents)
+
+        def cost(row: dict[str, Any]) -> int:
+            return sum(prepared.decoded_sizes.get(k, 0) for k in row["image_keys"]) if uses_images else 0
+
+        for part in _budget_chunks(good, chunk, cost, prepared.decode_budget):
             waiting = {
                 p.fingerprint: [r for r in part if r["sample_key"] not in self.index[p.fingerprint]]
                 for p in sample_agents
@@ -451,7 +588,7 @@ class AgentGroup:
             keys = sorted(
                 {k for p in sample_agents if p.agent.uses_images for r in waiting[p.fingerprint] for k in r["image_keys"]}
             )
-            images = self._decode(shard, keys, payloads) if keys else {}
+            images = self._decode(shard, keys, prepared) if keys else {}
             for planned in sample_agents:
                 todo = waiting[planned.fingerprint]
                 if planned.agent.uses_images:
@@ -532,6 +669,6 @@ class ShardProcessor:
         if not self._ready:
             raise RuntimeError("ShardProcessor.setup() must run before process()")
         started = time.perf_counter()
-        prepared = prepare_shard(shard, records, self.source, self.duplicates)
+        prepared = prepare_shard(shard, records, self.source, self.duplicates, self.recipe.execution)
         self.group.run(prepared, progress)
         return commit_shard(self.work, prepared, self.fingerprints, time.perf_counter() - started)

@@ -73,6 +73,18 @@ class ExecutionSpec(_Strict):
         description="CPU threads of every model in each worker (torch, ONNX Runtime); fixed, so that two "
         "runs give identical tables (see visa.threads); use --workers for more cores",
     )
+    memory_budget_bytes: int = Field(
+        1 << 30,
+        ge=1 << 24,
+        description="per worker: half for the image file bytes a shard keeps (beyond it they are read "
+        "again when decoded), half for the decoded pixels held at once (a larger image is decoded alone)",
+    )
+    max_text_chars: int = Field(
+        1_000_000,
+        ge=1,
+        description="a conversation with more characters is an error row (text_too_long) before any "
+        "agent or tokenizer sees it",
+    )
 
 
 class Recipe(_Strict):

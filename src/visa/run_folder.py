@@ -20,8 +20,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Callable, Mapping
+import shutil
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from visa.readers import Input
+    from visa.run_lock import RunLock
 
 RUN_JSON = "run.json"
 SCORES = "scores.parquet"
@@ -37,6 +40,9 @@ SELECTION = "selection.parquet"
 DATASET_INFO = "dataset_info.json"
 REPORT = "report.html"
 WORK = "work"
+LOCK = ".lock"
+#: the names a reader gives the selected records (a file, or a folder for ``datasets``)
+SUBSET_NAMES = ("selected.json", "selected.jsonl", "selected.parquet", "selected")
 
 #: The layout of run.json this release writes; a record without the key is a layout-1 record.
 RECORD_VERSION = 1
@@ -294,6 +300,36 @@ class RunFolder:
     def has_record(self) -> bool:
         return self.run_json.is_file()
 
+    def outputs(self) -> list[Path]:
+        """Every path a run writes into the folder (files, the selected records, ``work/``, the lock)."""
+        names = (RUN_JSON, SCORES, SELECTION, DATASET_INFO, REPORT, WORK, LOCK, *SUBSET_NAMES)
+        return [self.path / name for name in names]
+
+    def output_holding(self, path: Path) -> Path | None:
+        """The output of this folder that ``path`` is (or lies inside), symlinks resolved; else None."""
+        real = Path(os.path.realpath(path))
+        base = Path(os.path.realpath(self.path))
+        for output in self.outputs():
+            target = base / output.name
+            if real == target or real.is_relative_to(target):
+                return output
+        return None
+
+    # -- one writer at a time, one generation at a time -----------------------------------------
+    def lock(self, *, wait: bool = False) -> RunLock:
+        """The folder's exclusive lock (see :mod:`visa.run_lock`); use as ``with folder.lock():``."""
+        from visa.run_lock import RunLock
+
+        return RunLock(self.path, wait=wait)
+
+    def generation(self) -> Generation:
+        """A new set of outputs, written aside and installed as a whole (see :class:`Generation`)."""
+        return Generation(self.path)
+
+    def recover(self) -> None:
+        """Finish or undo an interrupted generation; remove temporary files a crash left (hold the lock)."""
+        recover(self.path)
+
     # -- the record ------------------------------------------------------------------------------
     def read_record(self) -> RunRecord:
         """run.json as a :class:`RunRecord`; RunFolderError (one line) when it is missing or invalid."""
@@ -321,6 +357,119 @@ class RunFolder:
     def write_table(self, path: Path, table: pa.Table, **options: Any) -> None:
         """Write one of the folder's Parquet files atomically (``options``: ``pq.write_table``'s)."""
         atomic_write_table(path, table, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs written as one generation
+# ---------------------------------------------------------------------------------------------
+GENERATION_PREFIX = ".generation-"
+JOURNAL = ".generation.json"
+
+
+class Generation:
+    """A set of a run folder's outputs that replaces the previous set as a whole (``visa select``).
+
+    Everything is first written into a staging folder ``RUN_DIR/.generation-<token>/`` (through
+    :attr:`folder`, a :class:`RunFolder` over it). :meth:`commit` then writes a journal
+    (``RUN_DIR/.generation.json``: what to install, what of the old set to remove) atomically, which
+    is the commit point, and carries it out: each staged file or folder is renamed over its target,
+    old outputs the new set does not have are removed, the journal and the staging folder go.
+    A crash before the commit point leaves the old set (the staging folder is removed by the next
+    command); a crash after it is completed by the next command (:func:`recover`, which every
+    command that opens a run folder runs first). Either way the folder holds the whole old set or
+    the whole new one, and nothing temporary stays behind.
+    """
+
+    def __init__(self, run_dir: Path | str) -> None:
+        self.run_dir = Path(run_dir)
+        self.staging = self.run_dir / f"{GENERATION_PREFIX}{secrets.token_hex(6)}"
+        self.folder = RunFolder(self.staging)
+        self.committed = False
+
+    def __enter__(self) -> Generation:
+        recover(self.run_dir)
+        self.staging.mkdir(parents=True)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        if not self.committed:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def final(self, staged: Path) -> Path:
+        """Where a path of the staging folder lands once committed."""
+        return self.run_dir / Path(staged).relative_to(self.staging)
+
+    def commit(self, replaces: Iterable[str] = ()) -> None:
+        """Install the staged outputs as one set; ``replaces``: names of the old set to remove when
+        the new set has no file of that name (e.g. ``selected.json`` after a selection without records)."""
+        install = sorted(os.listdir(self.staging))
+        journal = {"staging": self.staging.name, "install": install,
+                   "remove": sorted(set(replaces) - set(install))}
+        atomic_write(self.run_dir / JOURNAL, json_bytes(journal))
+        self.committed = True
+        _complete(self.run_dir, journal)
+
+
+def recover(run_dir: Path | str) -> None:
+    """Finish or undo a generation a crash interrupted, and remove leftover temporary files."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    journal_path = run_dir / JOURNAL
+    if journal_path.exists():
+        try:
+            journal = json.loads(journal_path.read_bytes())
+            valid = isinstance(journal, dict) and _journal_fields_ok(journal)
+        except (OSError, ValueError):
+            valid = False
+        if valid:
+            _complete(run_dir, journal)
+        else:
+            journal_path.unlink(missing_ok=True)
+    for leftover in run_dir.glob(f"{GENERATION_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for temporary in run_dir.glob(".*.tmp"):
+        temporary.unlink(missing_ok=True)
+
+
+def _journal_fields_ok(journal: dict[str, Any]) -> bool:
+    names = [*journal.get("install", []), *journal.get("remove", [])]
+    staging = journal.get("staging")
+    return (
+        isinstance(staging, str) and staging.startswith(GENERATION_PREFIX) and "/" not in staging
+        and all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in names)
+    )
+
+
+def _complete(run_dir: Path, journal: dict[str, Any]) -> None:
+    """Carry out a committed journal; every step can be repeated, so a crash midway is finished later."""
+    staging = run_dir / journal["staging"]
+    for name in journal["install"]:
+        source, target = staging / name, run_dir / name
+        if not source.exists() and not source.is_symlink():
+            continue  # installed before a crash
+        if target.is_dir() and not target.is_symlink():
+            old = staging / f"{name}.replaced"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(target, old)
+        os.replace(source, target)
+    for name in journal["remove"]:
+        target = run_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    _fsync_dir(run_dir)
+    (run_dir / JOURNAL).unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def reopen_input(record: RunRecord) -> tuple[Input, bool]:

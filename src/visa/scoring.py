@@ -164,6 +164,7 @@ def score(
     executor: Any = None,
     progress: RunProgress | None = None,
     stop_on_missing: bool = True,
+    wait: bool = False,
 ) -> dict[str, Any]:
     """Score ``data`` with ``recipe`` into ``run_dir``; returns the run record (also in run.json) as
     a JSON-able dict.
@@ -171,14 +172,54 @@ def score(
     Raises InputError for an input without records and, with ``stop_on_missing``, :class:`MissingImages`
     when more than half of the records read so far name image files that do not exist (checked on the
     first shard before any model loads, then after every shard).
+
+    Holds the run folder's lock (:class:`~visa.run_lock.RunLock`) throughout: a second command on
+    the same folder is refused (``RunFolderBusy``), or waits with ``wait=True``. An input that is
+    one of the run folder's own files is refused before any work.
     """
+    check_input_not_in_outputs(Path(data), Path(run_dir))
+    check_runnable(recipe)  # all before the lock, which creates the folder: a refused run leaves nothing
+    inp, data, root = open_checked(recipe, data, image_root, stop_on_missing=stop_on_missing)
+    folder = RunFolder(run_dir)
+    with folder.lock(wait=wait):
+        folder.recover()
+        return _score(
+            recipe, inp, data, root, run_dir, workers=workers, executor=executor, progress=progress,
+            stop_on_missing=stop_on_missing,
+        )
+
+
+def check_input_not_in_outputs(data: Path, run_dir: Path) -> None:
+    """Raise InputError when ``data`` is (or is inside) a file or folder that a run writes into
+    ``run_dir``, or when ``run_dir`` lies inside an input folder."""
+    real = Path(os.path.realpath(data))
+    if real.is_dir() and Path(os.path.realpath(run_dir)).is_relative_to(real):
+        raise InputError(f"the run folder {run_dir} is inside the input folder {data}: choose an --out outside it")
+    output = RunFolder(run_dir).output_holding(data)
+    if output is not None:
+        raise InputError(
+            f"the input {data} is the run folder's own '{output.name}', which the run writes: "
+            "move the input or choose another --out"
+        )
+
+
+def _score(
+    recipe: Recipe,
+    inp: Input,
+    data: Path,
+    root: Path,
+    run_dir: Path,
+    *,
+    workers: int = 1,
+    executor: Any = None,
+    progress: RunProgress | None = None,
+    stop_on_missing: bool = True,
+) -> dict[str, Any]:
     started = time.perf_counter()
     progress = progress or RunProgress(None)
     if recipe.execution.hf_offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    check_runnable(recipe)
-    inp, data, root = open_checked(recipe, data, image_root, stop_on_missing=stop_on_missing)
     run_dir = Path(run_dir)
     folder = RunFolder(run_dir)
     work = WorkDir(run_dir)
@@ -221,11 +262,7 @@ def score(
     folder.write_table(folder.scores, table)
     assemble_seconds = time.perf_counter() - assemble_started
 
-    notes = [f"repaired: {line}" for line in work.repairs[:MAX_REPAIR_NOTES]]
-    if len(work.repairs) > MAX_REPAIR_NOTES:
-        notes.append(f"repaired: {len(work.repairs) - MAX_REPAIR_NOTES} more damaged or missing pieces")
-    if table.num_rows == 0:
-        notes.append(f"the input holds no records: {folder.scores.name} is an empty table")
+    notes = _notes(work, table.num_rows, folder)
     markers = work.shard_markers()
     malformed_lines = sorted(line for m in markers for line in m["malformed_lines"])
     errors = Counter(k for k in table.column("error_kind").to_pylist() if k is not None)
@@ -302,6 +339,16 @@ def _pool_steps(
 
         table, clusters = add_clusters(table, recipe.clusters)
     return table, shapley, clusters
+
+
+def _notes(work: WorkDir, rows: int, folder: RunFolder) -> list[str]:
+    """What the run summary says besides the counts: repairs of the store, an empty input."""
+    notes = [f"repaired: {line}" for line in work.repairs[:MAX_REPAIR_NOTES]]
+    if len(work.repairs) > MAX_REPAIR_NOTES:
+        notes.append(f"repaired: {len(work.repairs) - MAX_REPAIR_NOTES} more damaged or missing pieces")
+    if rows == 0:
+        notes.append(f"the input holds no records: {folder.scores.name} is an empty table")
+    return notes
 
 
 def _redo_incomplete_shards(work: WorkDir, planned: list[PlannedAgent], decode_fp: str) -> None:

@@ -51,7 +51,7 @@ from visa.pipeline import (
     plan_agents,
     prepare_shard,
 )
-from visa.recipe import Recipe, RecipeError
+from visa.recipe import ExecutionSpec, Recipe, RecipeError
 from visa.run_folder import atomic_write
 from visa.samples import RawRecord, stable_hash
 from visa.store import WorkDir
@@ -164,13 +164,15 @@ def _objects(items: Sequence[Any]) -> np.ndarray:
 
 
 def _prepare_stage(
-    batch: dict[str, np.ndarray], *, image_root: str, limits_json: str, duplicates: frozenset[str]
+    batch: dict[str, np.ndarray], *, image_root: str, limits_json: str, execution_json: str,
+    duplicates: frozenset[str],
 ) -> dict[str, np.ndarray]:
     source = ImageSource(Path(image_root), ImageLimits.model_validate_json(limits_json))
+    execution = ExecutionSpec.model_validate_json(execution_json)
     out = []
     for raw in batch["item"]:
         started = time.perf_counter()
-        prepared = prepare_shard(raw.shard, raw.records, source, duplicates)
+        prepared = prepare_shard(raw.shard, raw.records, source, duplicates, execution)
         prepared.stats.seconds = time.perf_counter() - started
         out.append(prepared)
     return {"item": _objects(out)}
@@ -540,7 +542,7 @@ class RayExecutor:
         dataset = dataset.map_batches(
             _prepare_stage, batch_size=1, batch_format="numpy", zero_copy_batch=False, num_cpus=self.task_cpus,
             max_calls=0, fn_kwargs={"image_root": str(image_root), "limits_json": recipe.images.model_dump_json(),
-                       "duplicates": duplicates},
+                       "execution_json": recipe.execution.model_dump_json(), "duplicates": duplicates},
         )
         recipe_json = recipe.model_dump_json()
         by_column = {p.column: p for p in planned}

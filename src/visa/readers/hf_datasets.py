@@ -38,6 +38,11 @@ def arrow_files(folder: Path) -> list[Path]:
         listed = state.get("_data_files") if isinstance(state, dict) else None
         if listed:
             files = [folder / str(entry.get("filename", "")) for entry in listed if isinstance(entry, dict)]
+            outside = [p.name for p in files if p.parent != folder or not p.name.endswith(".arrow")]
+            if outside:
+                raise InputError(
+                    f"{state_path}: data files must be .arrow files of the folder itself, not {outside[0]!r}"
+                )
             missing = [p.name for p in files if not p.is_file()]
             if missing:
                 raise InputError(

@@ -13,7 +13,17 @@ import pyarrow.parquet as pq
 
 from visa.families import IM, PT, VISUAL_FAMILIES, families_from_agents, families_from_columns
 from visa.fusion import FusionError, fuse_scores, image_codes
-from visa.run_folder import NoInputRecorded, RunFolder, RunFolderError, RunRecord, reopen_input
+from visa.run_folder import (
+    DATASET_INFO,
+    REPORT,
+    SELECTION,
+    SUBSET_NAMES,
+    NoInputRecorded,
+    RunFolder,
+    RunFolderError,
+    RunRecord,
+    reopen_input,
+)
 from visa.selection.export import DATASET_NAME, dataset_entry, write_selection_table, write_subset
 from visa.selection.options import SelectionError, SelectionOptions, resolve_options
 from visa.selection.stages import TEXT_HASH, select_table
@@ -66,7 +76,10 @@ def _read_scores(
     except RunFolderError as err:
         raise SelectionError(str(err)) from None
     except (OSError, pa.ArrowException) as err:
-        raise SelectionError(f"{folder.scores} is not a readable Parquet file: {err}") from None
+        raise SelectionError(
+            f"{folder.scores} is not a readable Parquet file ({str(err).splitlines()[0] if str(err) else err!r}): "
+            "rerun `visa score` with the same arguments to rebuild it from the run's store"
+        ) from None
     families, units = run_families(run, schema)
     wanted = ["row", "sample_id", "image_key", "error_kind", TEXT_HASH]
     if options.quota_field:
@@ -78,7 +91,13 @@ def _read_scores(
     # families with no agent columns but an already fused column (a table fused elsewhere)
     wanted.extend(f for f in (*VISUAL_FAMILIES, IM, PT) if f not in families)
     columns = list(dict.fromkeys(c for c in wanted if c in schema.names))
-    table = pq.read_table(path, columns=columns, memory_map=True)
+    try:
+        table = pq.read_table(path, columns=columns, memory_map=True)
+    except (OSError, pa.ArrowException) as err:
+        raise SelectionError(
+            f"{path} is damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__}): rerun "
+            "`visa score` with the same arguments to rebuild it from the run's store"
+        ) from None
     return table, families, units
 
 
@@ -97,29 +116,25 @@ def check_quota_field(name: str, columns: list[str]) -> None:
     )
 
 
-#: What a selection leaves in the run folder besides selection.parquet and run.json; all of it
-#: describes one selection, so a new selection removes what it does not rewrite.
-SUBSET_NAMES = ("selected.json", "selected.jsonl", "selected.parquet", "selected")
-
-
-def remove_stale_outputs(folder: RunFolder, *, keep_records: bool) -> list[str]:
-    """Remove the report and (unless ``keep_records``: they are about to be rewritten) the selected
-    records and the LLaMA-Factory entry of an earlier selection; returns the names removed."""
-    import shutil
-
+def stale_outputs(folder: RunFolder, *, keep_records: bool) -> list[str]:
+    """The outputs of an earlier selection that the new one does not rewrite and that its commit
+    removes: the report and (unless ``keep_records``: they are about to be rewritten) the selected
+    records and the LLaMA-Factory entry; names of those that exist."""
     stale = [folder.report]
     if not keep_records:
         stale += [folder.path / name for name in SUBSET_NAMES] + [folder.dataset_info]
-    removed = []
-    for path in stale:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        else:
-            continue
-        removed.append(path.name)
-    return removed
+    return [path.name for path in stale if path.exists() or path.is_symlink()]
+
+
+def _refuse_input_among_outputs(folder: RunFolder, run: RunRecord) -> None:
+    """Before any work: the input must not be one of the files selection (re)writes."""
+    path = run.input.path if run.input is not None else None
+    output = folder.output_holding(Path(path)) if path else None
+    if output is not None:
+        raise SelectionError(
+            f"the input {path} is the run folder's own '{output.name}', which selection writes: "
+            "move the input (and re-score) or select without writing records into this folder"
+        )
 
 
 def open_source(run: RunRecord) -> Input:
@@ -148,16 +163,17 @@ def open_source(run: RunRecord) -> Input:
 
 
 def _write_records(
-    folder: RunFolder, run: RunRecord, source: Input, result: SelectionResult, summary: dict[str, Any]
+    folder: RunFolder, run: RunRecord, source: Input, result: SelectionResult, summary: dict[str, Any],
+    out: RunFolder,
 ) -> None:
-    """The selected records in the input's format and their LLaMA-Factory entry."""
-    result.subset_path = write_subset(source, result.selected_rows, folder.path)
+    """The selected records in the input's format and their LLaMA-Factory entry, written into ``out``
+    (the staging folder of the new generation of ``folder``'s outputs)."""
+    staged = write_subset(source, result.selected_rows, out.path)
+    result.subset_path = folder.path / staged.name
     summary["outputs"]["records"] = str(result.subset_path)
-    entry, entry_notes = dataset_entry(result.subset_path, folder.path)
-    if entry is None:
-        folder.dataset_info.unlink(missing_ok=True)
-    else:
-        folder.write_json(folder.dataset_info, entry)
+    entry, entry_notes = dataset_entry(staged, out.path)
+    if entry is not None:
+        out.write_json(out.dataset_info, entry)
         result.dataset_info_path = folder.dataset_info
         summary["outputs"]["dataset_info"] = str(folder.dataset_info)
     image_root = run.input.image_root if run.input is not None else None
@@ -192,6 +208,7 @@ def select(
     *,
     write_records: bool = True,
     update_run: bool = True,
+    wait: bool = False,
 ) -> SelectionResult:
     """Select from a finished run: fuse, run the two stages, write the outputs into ``run_dir``.
 
@@ -202,9 +219,31 @@ def select(
     rewritten (``report.html``; without ``write_records`` the selected records and the entry too) is
     removed. Raises SelectionError for a bad run folder or options, and after writing
     selection.parquet when nothing was selected.
+
+    The outputs are one generation (:class:`~visa.run_folder.Generation`): written aside, then
+    installed together, replacing the previous selection's files as a whole, so the folder never
+    pairs a new selection with old records; a crash leaves the old set or the new one. Holds the
+    folder's lock (refused when another command uses the folder, or waits with ``wait``).
     """
     folder = RunFolder(run_dir)
-    run = read_run(run_dir)
+    if not folder.path.is_dir():
+        raise SelectionError(f"run folder not found: {folder.path}")
+    with folder.lock(wait=wait):
+        folder.recover()
+        with folder.generation() as generation:
+            result = _select(folder, generation.folder, options, write_records, update_run)
+            generation.commit(replaces=[SELECTION, DATASET_INFO, REPORT, *SUBSET_NAMES])
+    if not result.selected_rows.size:
+        raise SelectionError(_nothing_selected(result.summary))
+    return result
+
+
+def _select(
+    folder: RunFolder, out: RunFolder, options: SelectionOptions | None, write_records: bool, update_run: bool
+) -> SelectionResult:
+    """:func:`select`'s work: read ``folder``, write every output into ``out`` (the staging folder)."""
+    run = read_run(folder.path)
+    _refuse_input_among_outputs(folder, run)
     options = options or resolve_options(run)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -231,26 +270,24 @@ def select(
     _timed(timings, "selection", t)
 
     t = time.perf_counter()
-    write_selection_table(selection, folder.selection)
+    write_selection_table(selection, out.selection)
     _timed(timings, "write_selection", t)
     chosen = np.asarray(selection.column("selected").to_numpy(zero_copy_only=False), dtype=bool)
     selected_rows = np.sort(np.asarray(selection.column("row").to_numpy(), dtype=np.int64)[chosen])
     summary["outputs"] = {"selection": str(folder.selection)}
 
     result = SelectionResult(selection, summary, shapley, selected_rows, selection_path=folder.selection)
-    stale = remove_stale_outputs(folder, keep_records=source is not None and selected_rows.size > 0)
+    stale = stale_outputs(folder, keep_records=source is not None and selected_rows.size > 0)
     _note_removed(summary, folder, stale)
     if source is not None and selected_rows.size:
         t = time.perf_counter()
-        _write_records(folder, run, source, result, summary)
+        _write_records(folder, run, source, result, summary, out)
         _timed(timings, "write_records", t)
     if update_run:
-        record = read_run(run_dir)
+        record = read_run(folder.path)
         record.shapley = shapley
         record.selection = summary
-        folder.write_record(record)
-    if not selected_rows.size:
-        raise SelectionError(_nothing_selected(summary))
+        out.write_record(record)
     _timed(timings, "total", started)
     result.timings = timings
     return result
