@@ -25,15 +25,6 @@ console = Console(stderr=True)
 out = Console()
 _debug = False
 
-
-@app.callback()
-def _options(
-    debug: Annotated[bool, typer.Option("--debug", help="on an error, show the full traceback")] = False,
-) -> None:
-    """Pick the most valuable samples of a visual instruction-tuning set (ViSA)."""
-    global _debug
-    _debug = debug
-
 DEFAULT_RECIPE = "embedded"
 RecipeOpt = Annotated[
     str, typer.Option("--recipe", "-r", help="bundled recipe name (embedded, gpu-lite, paper) or a YAML path")
@@ -84,6 +75,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         RecipeError, InputError, WorkDirMismatch, FileNotFoundError, NotADirectoryError, PermissionError,
         MissingDependency, ExecutorError, SelectionError, RunFolderBusy,
     )
+
+
+def _one_line(err: BaseException) -> str:
+    """The first line of an error; an operating-system error raised by the system (it has an errno)
+    in the words of :mod:`visa.os_errors`, which say what to do. With ``visa --debug`` the error is
+    raised again instead, traceback and all."""
+    if _debug:
+        raise err
+    if isinstance(err, OSError) and err.errno is not None:
+        from visa.os_errors import describe
+
+        return describe(err)
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def _fail(message: str) -> None:
@@ -175,7 +179,7 @@ def run_score(
                 progress=RunProgress(bars), stop_on_missing=not allow_missing_images, wait=wait,
             )
     except _user_errors() as err:
-        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        _fail(_one_line(err))
     out.print(summary_table(record))
     return record
 
@@ -239,7 +243,7 @@ def run_select(
         options = resolve_options(read_run(run_dir), overrides)
         result = select(run_dir, options, write_records=write_records, wait=wait)
     except _user_errors() as err:
-        _fail(str(err).splitlines()[0])
+        _fail(_one_line(err))
     out.print(selection_table(result.summary))
     return result.summary
 
@@ -312,7 +316,7 @@ def run_report(run_dir: Path, gallery_size: int = 12) -> Path:
                 folder.recover()
                 path = build_report(run_dir, gallery_size=gallery_size)
     except (ReportError, *_user_errors()) as err:
-        _fail(str(err).splitlines()[0])
+        _fail(_one_line(err))
     out.print(f"report: {path}")
     return path
 
@@ -381,8 +385,11 @@ def _main_options(
     version: Annotated[
         bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")
     ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="on an error, show the full traceback")] = False,
 ) -> None:
     """Pick the most valuable samples of a visual instruction-tuning set (ViSA)."""
+    global _debug
+    _debug = debug
 
 
 def _register_subcommands() -> None:

@@ -5,7 +5,8 @@ command on the same ``--out`` (by mistake, or a scheduler starting a job twice) 
 the first one's files in flight nor interleave its outputs with them: it is refused at once with one
 line naming the holder, or, with ``wait=True``, waits until the first one is done. The lock belongs to
 the open file, so the kernel releases it when the holder exits, however it exits (SIGKILL included):
-a stale lock file never blocks a rerun. Worker processes (local or Ray) write under their driver's
+a stale lock file never blocks a rerun. A command removes the file as it lets go (a killed one leaves
+it, empty of meaning, for the next command to reuse). Worker processes (local or Ray) write under their driver's
 lock and never take it themselves.
 """
 
@@ -36,19 +37,24 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = _holder(fd)
-            os.close(fd)
-            raise RunFolderBusy(
-                f"{self.run_dir} is in use by another visa process{holder}; wait for it to finish or "
-                "rerun with --wait to queue behind it"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
+        path = self.run_dir / LOCK_NAME
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                holder = _holder(fd)
+                os.close(fd)
+                raise RunFolderBusy(
+                    f"{self.run_dir} is in use by another visa process{holder}; wait for it to finish or "
+                    "rerun with --wait to queue behind it"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # the holder removed the file as it let go: lock the new one
         os.ftruncate(fd, 0)
         info = {"pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
         os.pwrite(fd, json.dumps(info).encode(), 0)
@@ -59,9 +65,20 @@ class RunLock:
         self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._fd is not None:
+            # remove the file while still holding it, so the folder keeps no trace of a finished
+            # command; a waiter that locked the removed file sees that and locks a new one
+            (self.run_dir / LOCK_NAME).unlink(missing_ok=True)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _holder(fd: int) -> str:
