@@ -66,6 +66,17 @@ def test_fill_holes_and_sprinkles_on_low_res_logits():
     assert one[0, 5, 5] == 10.0 and torch.all(one[0, 5:7, 7] == -2.0)  # "at most": 2 > 1 stays
 
 
+def test_sprinkles_are_labelled_on_the_logits_before_the_holes_are_filled():
+    logits = torch.full((1, 7, 7), 5.0)
+    logits[0, 2:5, 2:5] = -5.0  # an 8-pixel ring of background...
+    logits[0, 3, 3] = 5.0  # ...around a one-pixel island
+    filled = fill_holes_and_sprinkles(logits, max_area=8)
+    ring = filled[0, 2:5, 2:5].clone()
+    assert filled[0, 3, 3] == -10.0  # an island of the decoder's logits, even though its hole is filled
+    ring[1, 1] = 10.0
+    assert torch.all(ring == 10.0)
+
+
 def test_stability_score_is_float32_and_nan_when_empty():
     logits = torch.full((2, 5, 5), -9.0)
     logits[0, 1:4, 1:4] = 9.0

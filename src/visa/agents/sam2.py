@@ -13,8 +13,8 @@ the two on identical random weights:
    tensor; ImageNet normalisation) and embedded once; a regular grid of point prompts
    (``points_per_side``, divided by ``crop_n_points_downscale_factor`` per layer) decoded in batches
    into three masks per point. The low-resolution logits first get SAM 2's hole and sprinkle filling
-   (background / foreground components of at most ``min_mask_region_area`` low-resolution pixels,
-   8-connectivity, at logit threshold 0, set to +10 / -10), then are upsampled to the crop size.
+   (background / foreground components of the decoder's logits of at most ``min_mask_region_area``
+   low-resolution pixels, 8-connectivity, at logit threshold 0, set to +10 / -10), then are upsampled to the crop size.
    With ``use_m2m`` every mask is decoded once more with its raw low-resolution logits, clamped to
    +-32, as mask prompt, and the refined masks replace the first ones. Masks are kept when the
    predicted IoU > ``pred_iou_thresh`` and the stability score (float32 IoU of the mask thresholded at
@@ -152,7 +152,9 @@ def fill_holes_and_sprinkles(logits: torch.Tensor, max_area: int, threshold: flo
 
     On ``logits`` [N, H, W]: background components (``<= threshold``) of at most ``max_area`` pixels
     become ``threshold + 10``, then foreground components (``> threshold``) of at most ``max_area``
-    pixels become ``threshold - 10``. ``max_area`` <= 0 leaves the logits unchanged.
+    pixels become ``threshold - 10``. Both sets of components are those of the input logits (the
+    reference labels the sprinkles on the logits as they were before the holes were filled).
+    ``max_area`` <= 0 leaves the logits unchanged.
     """
     import torch
 
@@ -160,9 +162,9 @@ def fill_holes_and_sprinkles(logits: torch.Tensor, max_area: int, threshold: flo
         return logits
     background = logits <= threshold
     holes = background & (component_areas(background) <= max_area)
-    logits = torch.where(holes, torch.full_like(logits, threshold + 10.0), logits)
-    foreground = logits > threshold
+    foreground = ~background
     sprinkles = foreground & (component_areas(foreground) <= max_area)
+    logits = torch.where(holes, torch.full_like(logits, threshold + 10.0), logits)
     return torch.where(sprinkles, torch.full_like(logits, threshold - 10.0), logits)
 
 
