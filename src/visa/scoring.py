@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from visa import __version__
 from visa.assemble import assemble
+from visa.executors.base import Executor, RunPlan
 from visa.families import is_score
 from visa.fusion import unique_image_count
 from visa.pipeline import AgentStats, PlannedAgent, ShardStats, missing_results, plan_agents
@@ -161,7 +162,7 @@ def score(
     *,
     image_root: Path | None = None,
     workers: int = 1,
-    executor: Any = None,
+    executor: Executor | None = None,
     progress: RunProgress | None = None,
     stop_on_missing: bool = True,
     wait: bool = False,
@@ -253,7 +254,8 @@ def _score(
             tally.check_missing()
 
     scoring_started = time.perf_counter()
-    executor.run(recipe, inp.iter_raw(), root, run_dir, duplicates, on_shard, progress.items)
+    plan = RunPlan(recipe, inp.iter_raw(), root, run_dir, duplicates)
+    executor.run(plan, on_shard, progress.items)
     scoring_seconds = time.perf_counter() - scoring_started
 
     assemble_started = time.perf_counter()

@@ -4,17 +4,14 @@ agents set up once), every worker on the recipe's ``execution.threads`` CPU thre
 from __future__ import annotations
 
 import multiprocessing as mp
-from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
-from visa.executors import iter_shards
+from visa.executors.base import RunPlan, ShardHook
 from visa.pipeline import ProgressHook, ShardProcessor, ShardStats
 from visa.recipe import Recipe
 from visa.samples import RawRecord
 from visa.threads import set_threads, worker_threads
-
-ShardHook = Callable[[ShardStats], None]
 
 _worker: ShardProcessor | None = None
 
@@ -33,44 +30,36 @@ def _run_shard(shard: int, records: list[RawRecord]) -> ShardStats:
 
 
 class LocalExecutor:
+    """Runs shards in this process (``workers=1``) or in ``workers`` spawned processes, each with
+    its agents set up once; at most two shards per worker are in flight, so memory stays flat."""
+
     def __init__(self, workers: int = 1):
         if workers < 1:
             raise ValueError("--workers must be at least 1")
         self.workers = workers
 
-    def run(
-        self,
-        recipe: Recipe,
-        records: Iterator[RawRecord],
-        image_root: Path,
-        run_dir: Path,
-        duplicates: frozenset[str],
-        on_shard: ShardHook,
-        on_items: ProgressHook | None = None,
-    ) -> None:
-        probe = ShardProcessor(recipe, image_root, run_dir, duplicates)
-        shards = iter_shards(records, recipe.execution.shard_size)
+    def run(self, plan: RunPlan, on_shard: ShardHook, on_items: ProgressHook | None = None) -> None:
         if self.workers == 1:
-            with worker_threads(recipe.execution.threads):
-                probe.setup()
-                try:
-                    for shard, chunk in shards:
-                        if probe.is_done(shard):
-                            on_shard(ShardStats(shard=shard, records=len(chunk), skipped=True))
-                            continue
-                        on_shard(probe.process(shard, chunk, on_items))
-                finally:
-                    probe.teardown()
-            return
+            self._run_here(plan, on_shard, on_items)
+        else:
+            self._run_pool(plan, on_shard)
 
+    def _run_here(self, plan: RunPlan, on_shard: ShardHook, on_items: ProgressHook | None) -> None:
+        processor = ShardProcessor(plan.recipe, plan.image_root, plan.run_dir, plan.duplicates)
+        with worker_threads(plan.recipe.execution.threads):
+            processor.setup()
+            try:
+                for shard, chunk in plan.pending(on_shard):
+                    on_shard(processor.process(shard, chunk, on_items))
+            finally:
+                processor.teardown()
+
+    def _run_pool(self, plan: RunPlan, on_shard: ShardHook) -> None:
         context = mp.get_context("spawn")
-        args = (recipe.model_dump_json(), str(image_root), str(run_dir), duplicates)
+        args = (plan.recipe.model_dump_json(), str(plan.image_root), str(plan.run_dir), plan.duplicates)
         with ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker, initargs=args) as pool:
             in_flight: set[Future[ShardStats]] = set()
-            for shard, chunk in shards:
-                if probe.is_done(shard):
-                    on_shard(ShardStats(shard=shard, records=len(chunk), skipped=True))
-                    continue
+            for shard, chunk in plan.pending(on_shard):
                 in_flight.add(pool.submit(_run_shard, shard, chunk))
                 if len(in_flight) >= 2 * self.workers:  # bounded: memory stays flat
                     done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)

@@ -28,7 +28,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from pydantic import BaseModel
 from visa.agents.base import Unit
 from visa.backends.registry import BackendSpec
 from visa.deps import MissingDependency
-from visa.executors import iter_shards
+from visa.executors.base import PendingShards, RunPlan, ShardHook
 from visa.images import ImageLimits, ImageSource
 from visa.pipeline import (
     AgentGroup,
@@ -56,8 +56,6 @@ from visa.run_folder import atomic_write
 from visa.samples import RawRecord, stable_hash
 from visa.store import WorkDir
 from visa.threads import set_threads
-
-ShardHook = Callable[[ShardStats], None]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 #: The last line of a Python traceback: ``package.module.ErrorName: message``.
@@ -406,28 +404,13 @@ class RayExecutor:
                 raise RecipeError(f"no node of the Ray cluster can hold one actor of {p.describe()}")
 
     # -- running --------------------------------------------------------------------------------------
-    def run(
-        self,
-        recipe: Recipe,
-        records: Iterator[RawRecord],
-        image_root: Path,
-        run_dir: Path,
-        duplicates: frozenset[str],
-        on_shard: ShardHook,
-        on_items: ProgressHook | None = None,
-    ) -> None:
+    def run(self, plan: RunPlan, on_shard: ShardHook, on_items: ProgressHook | None = None) -> None:
         ray = _import_ray()
-        planned, decode = plan_agents(recipe)
-        fingerprints = [p.fingerprint for p in planned] + [decode["fingerprint"]]
+        recipe, run_dir = plan.recipe, plan.run_dir
+        planned, _ = plan_agents(recipe)
         work = WorkDir(run_dir)
-        shards = iter_shards(records, recipe.execution.shard_size)
-        first = None
-        for shard, chunk in shards:  # a finished run starts nothing on the cluster
-            if work.shard_done(shard, fingerprints):
-                on_shard(ShardStats(shard=shard, records=len(chunk), skipped=True))
-                continue
-            first = (shard, chunk)
-            break
+        pending = plan.pending(on_shard)
+        first = next(pending, None)  # a finished run starts nothing on the cluster
         if first is None:
             return
         placements = self.placements(recipe, planned)
@@ -441,8 +424,7 @@ class RayExecutor:
                 work.register_agent(p.fingerprint, {**p.identity, "column": p.column})
             for stale in _attempts_dir(run_dir).glob("*.shard-*"):  # counts are per run
                 stale.unlink(missing_ok=True)
-            self._stream(ray, recipe, planned, placements, fingerprints, first, shards, image_root, run_dir,
-                         duplicates, on_shard, on_items)
+            self._stream(ray, plan, planned, placements, first, pending, on_shard, on_items)
         finally:
             if started_ray:
                 ray.shutdown()
@@ -460,18 +442,17 @@ class RayExecutor:
         return True
 
     def _stream(
-        self, ray: Any, recipe: Recipe, planned: list[PlannedAgent], placements: list[Placement],
-        fingerprints: list[str], first: tuple[int, list[RawRecord]], shards: Iterator[tuple[int, list[RawRecord]]],
-        image_root: Path, run_dir: Path, duplicates: frozenset[str], on_shard: ShardHook,
+        self, ray: Any, plan: RunPlan, planned: list[PlannedAgent], placements: list[Placement],
+        first: tuple[int, list[RawRecord]], pending: PendingShards, on_shard: ShardHook,
         on_items: ProgressHook | None,
     ) -> None:
         from ray.util.queue import Full, Queue
 
         feed = Queue(maxsize=FEED_SLOTS, actor_options={"num_cpus": 0})
         skipped: queue.SimpleQueue[ShardStats] = queue.SimpleQueue()
+        pending.on_skipped = skipped.put  # the feeder thread iterates from here on
         stop = threading.Event()
         failure: list[BaseException] = []
-        work = WorkDir(run_dir)
 
         def put(item: Any) -> bool:
             while not stop.is_set():
@@ -486,10 +467,8 @@ class RayExecutor:
             try:
                 if not put(_RawShard(*first)):
                     return
-                for shard, chunk in shards:
-                    if work.shard_done(shard, fingerprints):
-                        skipped.put(ShardStats(shard=shard, records=len(chunk), skipped=True))
-                    elif not put(_RawShard(shard, chunk)):
+                for shard, chunk in pending:
+                    if not put(_RawShard(shard, chunk)):
                         return
             except BaseException as err:  # noqa: BLE001 - re-raised by the driver thread
                 failure.append(err)
@@ -505,8 +484,7 @@ class RayExecutor:
 
         thread = threading.Thread(target=feeder, name="visa-ray-feed", daemon=True)
         with _quiet_ray_data(ray):
-            dataset = self._dataset(ray, feed, recipe, planned, placements, fingerprints, image_root,
-                                    run_dir, duplicates)
+            dataset = self._dataset(ray, feed, plan, planned, placements)
             thread.start()
             try:
                 for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -529,10 +507,9 @@ class RayExecutor:
             raise failure[0]
 
     def _dataset(
-        self, ray: Any, feed: Any, recipe: Recipe, planned: list[PlannedAgent],
-        placements: list[Placement], fingerprints: list[str], image_root: Path, run_dir: Path,
-        duplicates: frozenset[str],
+        self, ray: Any, feed: Any, plan: RunPlan, planned: list[PlannedAgent], placements: list[Placement]
     ) -> Any:
+        recipe, run_dir, fingerprints = plan.recipe, plan.run_dir, plan.fingerprints
         ray_data = ray.data
         # Each stage stays its own operator. Ray Data fuses consecutive maps whose remote arguments
         # are equal; the read reserves no CPU and prepare sets max_calls (0, the default for CPU
@@ -541,8 +518,8 @@ class RayExecutor:
         dataset = ray_data.read_datasource(_feed_datasource(feed), override_num_blocks=1, num_cpus=0)
         dataset = dataset.map_batches(
             _prepare_stage, batch_size=1, batch_format="numpy", zero_copy_batch=False, num_cpus=self.task_cpus,
-            max_calls=0, fn_kwargs={"image_root": str(image_root), "limits_json": recipe.images.model_dump_json(),
-                       "execution_json": recipe.execution.model_dump_json(), "duplicates": duplicates},
+            max_calls=0, fn_kwargs={"image_root": str(plan.image_root), "limits_json": recipe.images.model_dump_json(),
+                       "execution_json": recipe.execution.model_dump_json(), "duplicates": plan.duplicates},
         )
         recipe_json = recipe.model_dump_json()
         by_column = {p.column: p for p in planned}
