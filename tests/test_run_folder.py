@@ -52,7 +52,8 @@ def test_a_record_written_by_the_release_loads_typed(tmp_path: Path):
     assert record.input is not None and record.input.fingerprint == raw["input"]["fingerprint"]
     assert record.counts.records == raw["counts"]["records"] == 9
     assert record.timings.agents["sc.felzenszwalb"].items == raw["timings"]["agents"]["sc.felzenszwalb"]["items"]
-    assert record.selection is not None and record.selection["selected"] == raw["selection"]["selected"]
+    assert record.selection is not None and record.selection.selected == raw["selection"]["selected"]
+    assert record.shapley["sc"].weight_of() == raw["shapley"]["sc"]["weights"]
     # nothing is lost or invented on the way back
     assert record.to_json() == raw
 

@@ -115,7 +115,7 @@ def atomic_write_table(path: Path, table: pa.Table, **options: Any) -> None:
 class _Section(BaseModel):
     """A run.json section: known fields typed, unknown ones kept as they are."""
 
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), validate_assignment=True)
 
 
 class InputRecord(_Section):
@@ -190,6 +190,66 @@ class ClusterRecord(_Section):
     typical_rows: list[int | None] = Field(default_factory=list)
 
 
+class FamilyFusion(_Section):
+    """How fusion combined one family's agents (``shapley.<family>``; see :mod:`visa.fusion`)."""
+
+    unit: str | None = None
+    agents: list[str] = Field(default_factory=list)
+    #: per agent column; a list follows the order of ``agents``
+    weights: dict[str, float] | list[float] = Field(default_factory=dict)
+    exact: bool | None = None
+    permutations: int | None = None
+    calibration_size: int | None = None
+    calibration_pool: int | None = None
+    seed: int | None = None
+    pearson: list[list[float | None]] | None = None
+    standardisation: dict[str, dict[str, float]] = Field(default_factory=dict)
+    excluded: dict[str, str] = Field(default_factory=dict)
+    stderr: dict[str, float] = Field(default_factory=dict)
+    note: str | None = None
+
+    def weight_of(self) -> dict[str, float]:
+        """The weights by agent column, whichever form they were recorded in."""
+        if isinstance(self.weights, list):
+            return dict(zip(self.agents, self.weights, strict=False))
+        return dict(self.weights)
+
+
+class ImagesKept(_Section):
+    unique: int | None = None
+    kept: int | None = None
+
+
+class QuotaReport(_Section):
+    """How the budget was shared between the values of ``field``; per group: pool, survivors,
+    target or cap, selected."""
+
+    field: str | None = None
+    mode: str | None = None
+    groups: dict[str, dict[str, int]] = Field(default_factory=dict)
+
+
+class SelectionSummary(_Section):
+    """What `visa select` did (``selection``): counts, cut-offs, options, notes and outputs."""
+
+    pool: int | None = None
+    budget: int | str | None = None
+    budget_rows: int | None = None
+    selected: int | None = None
+    dropped: dict[str, int] = Field(default_factory=dict)
+    images: ImagesKept = Field(default_factory=ImagesKept)
+    text_only_rows: int | None = None
+    visual_weights: dict[str, float] = Field(default_factory=dict)
+    ranked_by: str | None = None
+    pt_cut: float | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    quota: QuotaReport | None = None
+    #: per-cluster counts when the selection ran within content clusters (see :mod:`visa.selection`)
+    clusters: dict[str, Any] | None = None
+    notes: list[str] = Field(default_factory=list)
+    outputs: dict[str, str] = Field(default_factory=dict)
+
+
 class RunRecord(_Section):
     """``run.json``: what was run on what, with which agents, what came out and how long it took.
 
@@ -211,9 +271,9 @@ class RunRecord(_Section):
     counts: Counts = Field(default_factory=Counts)
     shards: ShardCounts = Field(default_factory=ShardCounts)
     timings: Timings = Field(default_factory=Timings)
-    shapley: dict[str, Any] = Field(default_factory=dict)
+    shapley: dict[str, FamilyFusion] = Field(default_factory=dict)
     clusters: ClusterRecord | None = None
-    selection: dict[str, Any] | None = None
+    selection: SelectionSummary | None = None
     outputs: dict[str, str] = Field(default_factory=dict)
 
     def agent_dicts(self) -> list[dict[str, Any]]:

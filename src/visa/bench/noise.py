@@ -323,22 +323,12 @@ def build_pool(
     Every record's ``meta`` holds ``noise`` (``clean`` or a noise kind) and ``source`` (the clean
     record it came from). Returns the pool's path.
     """
-    from PIL import Image
-
     options = options or PoolOptions()
     unknown = sorted(set(options.kinds) - set(NOISE_KINDS))
     if unknown:
         raise BenchError(f"unknown noise kind(s) {', '.join(unknown)}; choose from {', '.join(NOISE_KINDS)}")
     data = Path(data)
-    root = Path(image_root) if image_root else data.parent
-    clean = clean_records(read_records(data), root)
-    if options.max_clean is not None:
-        clean = clean[: options.max_clean]
-    photos = sorted({path for _, path in clean})
-    if len(clean) < 2 or (len(photos) < 2 and "misaligned" in options.kinds):
-        raise BenchError(
-            f"{data} has {len(clean)} clean records with images on {len(photos)} photos: need 2 or more"
-        )
+    clean, photos = _clean_pool(data, Path(image_root) if image_root else data.parent, options)
     rng = random.Random(options.seed)
     images_dir = Path(out_dir) / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -383,19 +373,39 @@ def build_pool(
                 )
         else:
             for j, (record, path) in enumerate(clean[i] for i in rng.sample(range(n), min(count, n))):
-                with Image.open(path) as im:
-                    rgb = im.convert("RGB")
-                damaged = degrade(rgb, kind, rng)
-                if kind == "jpeg":
-                    name = f"{kind}-{j:04d}-{path.stem}.jpg"
-                    damaged.save(images_dir / name, format="JPEG", quality=2)
-                else:
-                    name = f"{kind}-{j:04d}-{path.stem}.png"
-                    damaged.save(images_dir / name, format="PNG")
-                add(kind, record, name, record["conversations"])
+                add(kind, record, _degraded_copy(path, kind, j, images_dir, rng), record["conversations"])
     out = Path(out_dir) / "pool.json"
     out.write_text(json.dumps(pool, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return out
+
+
+def _clean_pool(data: Path, root: Path, options: PoolOptions) -> tuple[list[tuple[dict[str, Any], Path]], list[Path]]:
+    """The clean records with a readable image (at most ``max_clean``) and their distinct photos."""
+    clean = clean_records(read_records(data), root)
+    if options.max_clean is not None:
+        clean = clean[: options.max_clean]
+    photos = sorted({path for _, path in clean})
+    if len(clean) < 2 or (len(photos) < 2 and "misaligned" in options.kinds):
+        raise BenchError(
+            f"{data} has {len(clean)} clean records with images on {len(photos)} photos: need 2 or more"
+        )
+    return clean, photos
+
+
+def _degraded_copy(path: Path, kind: str, j: int, images_dir: Path, rng: random.Random) -> str:
+    """Write the photo at ``path`` damaged by ``kind`` into ``images_dir``; returns the file's name."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")
+    damaged = degrade(rgb, kind, rng)
+    if kind == "jpeg":
+        name = f"{kind}-{j:04d}-{path.stem}.jpg"
+        damaged.save(images_dir / name, format="JPEG", quality=2)
+    else:
+        name = f"{kind}-{j:04d}-{path.stem}.png"
+        damaged.save(images_dir / name, format="PNG")
+    return name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from visa.report.data import (
     aux_columns,
     load_run,
 )
-from visa.run_folder import RunFolder, atomic_write
+from visa.run_folder import FamilyFusion, InputRecord, RunFolder, SelectionSummary, atomic_write
 
 CORRELATION_SAMPLE = 100_000
 ERROR_EXAMPLES = 3
@@ -98,14 +98,6 @@ def _pct(part: float, whole: float) -> str:
     return f"{100.0 * part / whole:.1f}%" if whole else "–"
 
 
-def _get(mapping: Any, *path: str) -> Any:
-    for key in path:
-        if not isinstance(mapping, Mapping):
-            return None
-        mapping = mapping.get(key)
-    return mapping
-
-
 def _average_ranks(x: np.ndarray) -> np.ndarray:
     _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
     ends = np.cumsum(counts)
@@ -136,8 +128,8 @@ class _Builder:
     def context(self) -> dict[str, Any]:
         d = self.data
         run = d.run
-        recipe = run.get("recipe") if isinstance(run.get("recipe"), Mapping) else {}
-        input_spec = run.get("input") if isinstance(run.get("input"), Mapping) else {}
+        recipe = run.recipe or {}
+        input_spec = run.input or InputRecord()
         families = [self._family(i, f) for i, f in enumerate(d.families)]
         selection = self._selection()
         galleries = self._galleries() if self.k else []
@@ -170,13 +162,13 @@ class _Builder:
             "title": f"visa report · {recipe.get('name') or d.run_dir.name}",
             "header": {
                 "run_dir": str(d.run_dir),
-                "input": input_spec.get("path") or "–",
-                "format": input_spec.get("format") or "–",
-                "image_root": input_spec.get("image_root") or "–",
+                "input": input_spec.path or "–",
+                "format": input_spec.format or "–",
+                "image_root": input_spec.image_root or "–",
                 "recipe": recipe.get("name") or "–",
                 "recipe_description": recipe.get("description") or "",
-                "created": run.get("created") or "–",
-                "version": run.get("visa_version") or "–",
+                "created": run.created or "–",
+                "version": run.visa_version or "–",
             },
             "sections": sections,
             "kpis": self._kpis(),
@@ -197,21 +189,16 @@ class _Builder:
     # -- overview ----------------------------------------------------------------------------------
     def _kpis(self) -> list[dict[str, str]]:
         d = self.data
-        counts = _get(d.run, "counts") or {}
-        records = counts.get("records", d.n)
-        ok = counts.get("ok", int(self.valid.sum()))
-        unique = counts.get("unique_images")
+        counts = d.run.counts
+        records = d.n if counts.records is None else counts.records
+        ok = int(self.valid.sum()) if counts.ok is None else counts.ok
+        unique = counts.unique_images
         if unique is None:  # run.json without counts: the same definition as visa.fusion.unique_image_count
             unique = int(np.unique(d.image_codes[self.valid & (d.image_codes >= 0)]).size)
-        text_only = counts.get("text_only")
+        text_only = counts.text_only
         if text_only is None:
             text_only = int((self.valid & (d.image_codes < 0)).sum())
-        errors = counts.get("errors") if isinstance(counts.get("errors"), Mapping) else None
-        n_errors = (
-            sum(int(v) for v in errors.values() if isinstance(v, (int, float)))
-            if errors
-            else int(d.error.sum())
-        )
+        n_errors = sum(counts.errors.values()) if counts.errors else int(d.error.sum())
         out = [
             {"label": "records", "value": fmt_int(records), "hint": "rows of the score table"},
             {"label": "scored without error", "value": fmt_int(ok), "hint": _pct(_num(ok), _num(records))},
@@ -225,9 +212,9 @@ class _Builder:
             },
             {
                 "label": "malformed records",
-                "value": fmt_int(counts.get("malformed", 0)),
+                "value": fmt_int(counts.malformed or 0),
                 "hint": "unreadable JSON / fields",
-                "bad": bool(counts.get("malformed")),
+                "bad": bool(counts.malformed),
             },
         ]
         if d.selection is not None:
@@ -238,30 +225,27 @@ class _Builder:
         return [{"bad": False, "good": False, **k} for k in out]
 
     def _timings(self) -> dict[str, Any]:
-        timings = _get(self.data.run, "timings") or {}
-        agents = timings.get("agents") if isinstance(timings.get("agents"), Mapping) else {}
+        timings = self.data.run.timings
         rows = []
-        for column, stats in agents.items():
-            if not isinstance(stats, Mapping):
-                continue
-            items, seconds = _num(stats.get("items")), _num(stats.get("seconds"))
+        for column, stats in timings.agents.items():
+            items, seconds = float(stats.items), float(stats.seconds)
             rows.append(
                 {
                     "column": str(column),
                     "n_items": fmt_int(items),
-                    "errors": fmt_int(stats.get("errors", 0)),
+                    "errors": fmt_int(stats.errors),
                     "seconds": fmt(seconds),
                     "rate": f"{items / seconds:,.1f}/s" if seconds > 0 else "–",
                 }
             )
         totals = [
-            (label, fmt(timings[key]) + " s")
-            for key, label in (
-                ("scoring_seconds", "scoring"),
-                ("assemble_seconds", "assembly"),
-                ("total_seconds", "total"),
+            (label, fmt(value) + " s")
+            for value, label in (
+                (timings.scoring_seconds, "scoring"),
+                (timings.assemble_seconds, "assembly"),
+                (timings.total_seconds, "total"),
             )
-            if isinstance(timings.get(key), (int, float))
+            if value is not None
         ]
         return {"agents": rows, "totals": totals}
 
@@ -271,81 +255,49 @@ class _Builder:
         sel = d.selection
         if sel is None:
             return None
-        summary = _get(d.run, "selection") or {}
-        labels = ["selected"]
-        values = [int(sel.selected.sum())]
-        colours = [plots.SELECTED]
+        summary = d.run.selection or SelectionSummary()
         counts = np.bincount(sel.reason[sel.reason >= 0], minlength=len(sel.reasons))
-        reasons = []
-        for i, reason in enumerate(sel.reasons):
-            if counts[i]:
-                labels.append(f"dropped: {reason}")
-                values.append(int(counts[i]))
-                colours.append(plots.DROPPED)
-                reasons.append(
-                    {
-                        "reason": reason,
-                        "count": fmt_int(counts[i]),
-                        "share": _pct(counts[i], d.n),
-                        "text": REASON_TEXT.get(reason, ""),
-                    }
-                )
-        # one series per outcome, so each bar gets its own colour
-        series = []
-        for i, (value, colour) in enumerate(zip(values, colours, strict=True)):
-            column = np.zeros(len(values))
-            column[i] = value
-            series.append((labels[i], column, colour))
-        chart = (
-            self.plot.bars(labels, series, title="Where every sample went", xlabel="samples", legend=False)
-            if d.n
-            else None
-        )
-        facts = []
-        options = summary.get("options") if isinstance(summary.get("options"), Mapping) else {}
-        if summary.get("budget") is not None:
-            rows = summary.get("budget_rows")
-            facts.append(
-                ("budget", f"{summary['budget']}" + (f" ({fmt_int(rows)} rows)" if rows is not None else ""))
-            )
-        images = summary.get("images") if isinstance(summary.get("images"), Mapping) else {}
-        if images:
-            facts.append(("images kept", f"{fmt_int(images.get('kept'))} of {fmt_int(images.get('unique'))}"))
-        if options.get("image_keep") is not None:
-            facts.append(("image keep fraction", fmt(options.get("image_keep"))))
-        if summary.get("ranked_by"):
-            facts.append(("ranked by", str(summary["ranked_by"])))
-        if options.get("im_min") is not None:
-            facts.append(("IM threshold", fmt(options.get("im_min"))))
-        if summary.get("pt_cut") is not None:
-            facts.append(("PT tail cut (fused)", fmt(summary.get("pt_cut"))))
-        quota = summary.get("quota") if isinstance(summary.get("quota"), Mapping) else None
-        quota_rows = []
-        if quota and isinstance(quota.get("groups"), Mapping):
-            for group, stats in list(quota["groups"].items())[:50]:
-                if isinstance(stats, Mapping):
-                    quota_rows.append({**{str(k): fmt_int(v) for k, v in stats.items()}, "group": str(group)})
-        notes = (
-            [str(n) for n in summary.get("notes", []) if isinstance(n, str)]
-            if isinstance(summary.get("notes"), list)
-            else []
-        )
-        clusters = summary.get("clusters") if isinstance(summary.get("clusters"), Mapping) else {}
+        selected = int(sel.selected.sum())
+        dropped = [(reason, int(counts[i])) for i, reason in enumerate(sel.reasons) if counts[i]]
+        reasons = [
+            {"reason": reason, "count": fmt_int(n), "share": _pct(n, d.n), "text": REASON_TEXT.get(reason, "")}
+            for reason, n in dropped
+        ]
+        quota = summary.quota
+        quota_rows = [
+            {**{str(k): fmt_int(v) for k, v in stats.items()}, "group": str(group)}
+            for group, stats in list(quota.groups.items() if quota else [])[:50]
+        ]
+        clusters = summary.clusters or {}
         return {
-            "chart": chart,
-            "selected": fmt_int(values[0]),
-            "selected_share": _pct(values[0], d.n),
+            "chart": (
+                self._outcome_chart([("selected", selected)] + [(f"dropped: {r}", n) for r, n in dropped])
+                if d.n
+                else None
+            ),
+            "selected": fmt_int(selected),
+            "selected_share": _pct(selected, d.n),
             "reasons": reasons,
-            "facts": facts,
+            "facts": _selection_facts(summary),
             "quota": quota_rows,
-            "quota_field": str(quota.get("field")) if quota else "",
+            "quota_field": str(quota.field) if quota else "",
             "quota_columns": list(dict.fromkeys(k for row in quota_rows for k in row if k != "group")),
             "clusters": _cluster_rows(clusters),
             "clusters_column": str(clusters.get("column") or ""),
             "clusters_budget": str(clusters.get("budget") or ""),
-            "notes": notes,
+            "notes": list(summary.notes),
             "gallery": [],
         }
+
+    def _outcome_chart(self, outcomes: list[tuple[str, int]]) -> str:
+        """Where every sample went: one bar (and colour) per outcome, the first one selected."""
+        series = []
+        for i, (label, value) in enumerate(outcomes):
+            column = np.zeros(len(outcomes))
+            column[i] = value
+            series.append((label, column, plots.SELECTED if i == 0 else plots.DROPPED))
+        labels = [label for label, _ in outcomes]
+        return self.plot.bars(labels, series, title="Where every sample went", xlabel="samples", legend=False)
 
     # -- scores ------------------------------------------------------------------------------------
     def _family(self, index: int, family: Family) -> dict[str, Any]:
@@ -411,108 +363,84 @@ class _Builder:
 
     def _agents(self, family: Family, result: dict[str, Any], population: np.ndarray) -> None:
         d = self.data
-        report = family.shapley or {}
-        weights = report.get("weights")
-        names = [str(a) for a in report.get("agents", [])] if isinstance(report.get("agents"), list) else []
-        if isinstance(weights, list):
-            weights = dict(zip(names, weights, strict=False))
-        weights = weights if isinstance(weights, Mapping) else {}
-        excluded = report.get("excluded") if isinstance(report.get("excluded"), Mapping) else {}
-        stderr = report.get("stderr") if isinstance(report.get("stderr"), Mapping) else {}
-        listed = (
-            {a.get("column"): a for a in d.run.get("agents", []) if isinstance(a, Mapping)}
-            if isinstance(d.run.get("agents"), list)
-            else {}
-        )
-        timings = _get(d.run, "timings", "agents") or {}
+        report = family.shapley or FamilyFusion()
+        names = list(report.agents)
         agents = list(dict.fromkeys(family.agents + [n for n in names if n in d.values]))
-        for column in agents:
-            meta = listed.get(column, {})
-            models = meta.get("models")
-            if isinstance(models, Mapping):
-                models = ", ".join(f"{k}: {v}" if v else str(k) for k, v in models.items())
-            elif isinstance(models, list):
-                models = ", ".join(str(m) for m in models)
-            stats = timings.get(column) if isinstance(timings, Mapping) else None
-            w = weights.get(column)
-            result["agents"].append(
-                {
-                    "column": column,
-                    "weight": fmt(w) if isinstance(w, (int, float)) else ("1" if len(agents) == 1 else "–"),
-                    "weight_value": float(w) if isinstance(w, (int, float)) else None,
-                    "stderr": fmt(stderr.get(column)) if isinstance(stderr.get(column), (int, float)) else "",
-                    "excluded": str(excluded.get(column, "")),
-                    "models": str(models or ""),
-                    "n_items": fmt_int(stats.get("items")) if isinstance(stats, Mapping) else "–",
-                    "seconds": fmt(stats.get("seconds")) if isinstance(stats, Mapping) else "–",
-                }
-            )
-        if report:
-            facts = []
-            if report.get("calibration_size") is not None:
-                pool = report.get("calibration_pool")
-                facts.append(
-                    (
-                        "calibration",
-                        f"{fmt_int(report.get('calibration_size'))} "
-                        f"{'images' if family.unit == 'image' else 'samples'}"
-                        + (f" of {fmt_int(pool)}" if pool is not None else ""),
-                    )
-                )
-            if "exact" in report:
-                facts.append(
-                    (
-                        "Shapley",
-                        "exact"
-                        if report.get("exact")
-                        else f"Monte Carlo, {fmt_int(report.get('permutations'))} permutations",
-                    )
-                )
-            if report.get("seed") is not None:
-                facts.append(("seed", str(report.get("seed"))))
-            result["shapley_facts"] = facts
-            if report.get("note"):
-                result["shapley_notes"].append(str(report["note"]))
+        result["agents"] = self._agent_rows(agents, report)
+        if family.shapley is not None:
+            result["shapley_facts"] = _shapley_facts(report, family.unit)
+            if report.note:
+                result["shapley_notes"].append(str(report.note))
         # agreement between agents: the calibration Pearson matrix when recorded, else computed here
-        matrix = None
-        pearson = report.get("pearson")
-        if isinstance(pearson, list) and names and len(pearson) == len(names):
-            try:
-                matrix = np.array(
-                    [[np.nan if x is None else float(x) for x in row] for row in pearson], dtype=float
-                )
-                labels = names
-                result["pearson_source"] = "on the Shapley calibration sample (z-scored agents)"
-            except (TypeError, ValueError):
-                matrix = None
-        if (matrix is None or matrix.shape != (len(names), len(names))) and len(agents) >= 2:
-            labels = agents
-            rows = np.flatnonzero(population)
-            rows = gal.sample(rows, CORRELATION_SAMPLE, np.random.default_rng(self.seed))
-            columns = [d.values[a][rows] for a in agents]
-            matrix = np.full((len(agents), len(agents)), np.nan)
-            for i in range(len(agents)):
-                for j in range(len(agents)):
-                    both = np.isfinite(columns[i]) & np.isfinite(columns[j])
-                    matrix[i, j] = _pearson(columns[i][both], columns[j][both])
+        matrix, labels = _recorded_pearson(report)
+        if matrix is not None:
+            result["pearson_source"] = "on the Shapley calibration sample (z-scored agents)"
+        elif len(agents) >= 2:
+            matrix, labels = self._computed_pearson(agents, population), agents
             result["pearson_source"] = (
-                f"computed from the score table over {fmt_int(rows.size)} "
+                f"computed from the score table over {fmt_int(self._pearson_rows(population).size)} "
                 f"{'unique images' if family.unit == 'image' else 'samples'}"
             )
         if matrix is not None and matrix.shape[0] >= 2:
             result["pearson"] = self.plot.heatmap(matrix, labels, title="Agents' Pearson agreement")
         if len(agents) > 1:
-            panels = []
-            for column in agents:
-                v = d.values[column][population]
-                v = v[np.isfinite(v)]
-                edges = plots.bin_edges(v, bins=30)
-                if edges is not None:
-                    panels.append((column, edges, plots.counts(v, edges)))
-            if panels:
-                result["agent_histograms"] = self.plot.small_histograms(
-                    panels, title=f"{family.name}: raw agent values"
-                )
+            result["agent_histograms"] = self._agent_histograms(family, agents, population)
+
+    def _agent_rows(self, agents: list[str], report: FamilyFusion) -> list[dict[str, Any]]:
+        """One table row per agent: Shapley weight, exclusion, models and timing."""
+        listed = {a.column: a for a in self.data.run.agents}
+        timings = self.data.run.timings.agents
+        weights = report.weight_of()
+        rows = []
+        for column in agents:
+            models = listed[column].models if column in listed else None
+            if isinstance(models, Mapping):
+                models = ", ".join(f"{k}: {v}" if v else str(k) for k, v in models.items())
+            elif isinstance(models, list):
+                models = ", ".join(str(m) for m in models)
+            stats = timings.get(column)
+            w = weights.get(column)
+            stderr = report.stderr.get(column)
+            rows.append(
+                {
+                    "column": column,
+                    "weight": fmt(w) if w is not None else ("1" if len(agents) == 1 else "–"),
+                    "weight_value": float(w) if w is not None else None,
+                    "stderr": fmt(stderr) if stderr is not None else "",
+                    "excluded": str(report.excluded.get(column, "")),
+                    "models": str(models or ""),
+                    "n_items": fmt_int(stats.items) if stats is not None else "–",
+                    "seconds": fmt(stats.seconds) if stats is not None else "–",
+                }
+            )
+        return rows
+
+    def _pearson_rows(self, population: np.ndarray) -> np.ndarray:
+        rows = np.flatnonzero(population)
+        return gal.sample(rows, CORRELATION_SAMPLE, np.random.default_rng(self.seed))
+
+    def _computed_pearson(self, agents: list[str], population: np.ndarray) -> np.ndarray:
+        """Pairwise Pearson of the agents' raw values over (a sample of) the family's population."""
+        rows = self._pearson_rows(population)
+        columns = [self.data.values[a][rows] for a in agents]
+        matrix = np.full((len(agents), len(agents)), np.nan)
+        for i in range(len(agents)):
+            for j in range(len(agents)):
+                both = np.isfinite(columns[i]) & np.isfinite(columns[j])
+                matrix[i, j] = _pearson(columns[i][both], columns[j][both])
+        return matrix
+
+    def _agent_histograms(self, family: Family, agents: list[str], population: np.ndarray) -> str | None:
+        panels = []
+        for column in agents:
+            v = self.data.values[column][population]
+            v = v[np.isfinite(v)]
+            edges = plots.bin_edges(v, bins=30)
+            if edges is not None:
+                panels.append((column, edges, plots.counts(v, edges)))
+        if not panels:
+            return None
+        return self.plot.small_histograms(panels, title=f"{family.name}: raw agent values")
 
     def _correlation(self) -> dict[str, Any] | None:
         d = self.data
@@ -772,7 +700,7 @@ class _Builder:
     # -- errors ------------------------------------------------------------------------------------
     def _errors(self) -> dict[str, Any]:
         d = self.data
-        counts = _get(d.run, "counts") or {}
+        counts = d.run.counts
         kinds: list[dict[str, Any]] = []
         if d.error_kind is not None and d.error.any():
             encoded = pc.dictionary_encode(d.error_kind).combine_chunks()
@@ -804,12 +732,10 @@ class _Builder:
                         "examples": examples,
                     }
                 )
-        malformed_lines = (
-            counts.get("malformed_lines") if isinstance(counts.get("malformed_lines"), list) else []
-        )
+        malformed_lines = counts.malformed_lines
         return {
             "kinds": kinds,
-            "malformed": fmt_int(counts.get("malformed", 0)),
+            "malformed": fmt_int(counts.malformed or 0),
             "malformed_lines": [fmt_int(x) for x in malformed_lines[:MALFORMED_SHOWN]],
             "malformed_more": max(0, len(malformed_lines) - MALFORMED_SHOWN),
         }
@@ -836,6 +762,55 @@ def _cluster_rows(report: Mapping[str, Any] | None) -> list[dict[str, Any]]:
             "example": None,
         })
     return rows
+
+
+def _selection_facts(summary: SelectionSummary) -> list[tuple[str, str]]:
+    """The selection's budget, image cut, ranking and thresholds, as label / value pairs."""
+    options = summary.options
+    facts = []
+    if summary.budget is not None:
+        rows = summary.budget_rows
+        facts.append(("budget", f"{summary.budget}" + (f" ({fmt_int(rows)} rows)" if rows is not None else "")))
+    if summary.images.unique is not None or summary.images.kept is not None:
+        facts.append(("images kept", f"{fmt_int(summary.images.kept)} of {fmt_int(summary.images.unique)}"))
+    if options.get("image_keep") is not None:
+        facts.append(("image keep fraction", fmt(options.get("image_keep"))))
+    if summary.ranked_by:
+        facts.append(("ranked by", str(summary.ranked_by)))
+    if options.get("im_min") is not None:
+        facts.append(("IM threshold", fmt(options.get("im_min"))))
+    if summary.pt_cut is not None:
+        facts.append(("PT tail cut (fused)", fmt(summary.pt_cut)))
+    return facts
+
+
+def _shapley_facts(report: FamilyFusion, unit: str) -> list[tuple[str, str]]:
+    """Calibration size, exact or sampled Shapley values, and the seed of one family's fusion."""
+    facts = []
+    if report.calibration_size is not None:
+        pool = report.calibration_pool
+        facts.append(
+            (
+                "calibration",
+                f"{fmt_int(report.calibration_size)} {'images' if unit == 'image' else 'samples'}"
+                + (f" of {fmt_int(pool)}" if pool is not None else ""),
+            )
+        )
+    if report.exact is not None:
+        facts.append(
+            ("Shapley", "exact" if report.exact else f"Monte Carlo, {fmt_int(report.permutations)} permutations")
+        )
+    if report.seed is not None:
+        facts.append(("seed", str(report.seed)))
+    return facts
+
+
+def _recorded_pearson(report: FamilyFusion) -> tuple[np.ndarray | None, list[str]]:
+    """The calibration Pearson matrix fusion recorded, when it matches the family's agents."""
+    names, pearson = list(report.agents), report.pearson
+    if not pearson or not names or len(pearson) != len(names) or any(len(row) != len(names) for row in pearson):
+        return None, names
+    return np.array([[np.nan if x is None else float(x) for x in row] for row in pearson], dtype=float), names
 
 
 def _num(value: Any) -> float:

@@ -9,7 +9,7 @@ for the few rows that are shown, one row group at a time. Everything here is vec
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from visa import families as fam
-from visa.run_folder import RunFolder, RunFolderError
+from visa.run_folder import FamilyFusion, RunFolder, RunFolderError, RunRecord
 from visa.selection.stages import REASONS
 
 REASON_ORDER = REASONS
@@ -51,7 +51,7 @@ class Family:
     unit: str
     fused: str | None
     agents: list[str]
-    shapley: dict[str, Any] | None = None
+    shapley: FamilyFusion | None = None
 
     @property
     def title(self) -> str:
@@ -87,7 +87,7 @@ class Selection:
 @dataclass
 class RunData:
     run_dir: Path
-    run: dict[str, Any]
+    run: RunRecord
     scores_path: Path
     n: int
     rows: np.ndarray
@@ -118,10 +118,10 @@ class RunData:
         return found
 
 
-def read_run_json(run_dir: Path) -> dict[str, Any]:
-    """run.json as a dict ({} when the run has none: the report also works from the table alone)."""
+def read_run_json(run_dir: Path) -> RunRecord:
+    """run.json (an empty record when the run has none: the report also works from the table alone)."""
     try:
-        return RunFolder(run_dir).read_record_or_empty().to_json()
+        return RunFolder(run_dir).read_record_or_empty()
     except RunFolderError as err:
         raise ReportError(str(err)) from None
 
@@ -205,32 +205,27 @@ def _is_number(kind: pa.DataType) -> bool:
     return pa.types.is_floating(kind) or pa.types.is_integer(kind)
 
 
-def _families(run: Mapping[str, Any], schema: pa.Schema) -> list[Family]:
+def _families(run: RunRecord, schema: pa.Schema) -> list[Family]:
     """Score families from run.json's agents and shapley sections, completed from the column names.
 
     Descriptive families (image statistics) are listed too: the report shows them, unfused.
     """
     numeric = {f.name: _is_number(f.type) for f in schema}
-    listed = run.get("agents")
-    agents, units = fam.families_from_agents(
-        [a for a in listed if isinstance(a, Mapping)] if isinstance(listed, list) else [], numeric,
-        scores_only=False,
-    )
+    agents, units = fam.families_from_agents(run.agent_dicts(), numeric, scores_only=False)
     for name, columns in fam.families_from_columns(numeric.items(), scores_only=False).items():
         members = agents.setdefault(name, [])
         members.extend(c for c in columns if c not in members)
-    shapley = run.get("shapley") if isinstance(run.get("shapley"), Mapping) else {}
-    for name in list(fam.FAMILIES) + list(shapley):
+    for name in list(fam.FAMILIES) + list(run.shapley):
         if numeric.get(name) and name != fam.META:
             agents.setdefault(name, [])
     out = []
     for name in sorted(agents, key=fam.order_key):
-        report = shapley.get(name) if isinstance(shapley.get(name), Mapping) else None
-        unit = units.get(name) or (report or {}).get("unit") or fam.default_unit(name)
+        report = run.shapley.get(name)
+        unit = units.get(name) or (report.unit if report else None) or fam.default_unit(name)
         fused = name if numeric.get(name) else None
         if fused is None and not agents[name]:
             continue
-        out.append(Family(name, str(unit), fused, agents[name], dict(report) if report else None))
+        out.append(Family(name, str(unit), fused, agents[name], report))
     return out
 
 

@@ -14,10 +14,16 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from visa.images import ImageSource
+    from visa.readers import Input
+    from visa.run_folder import RunRecord
+    from visa.samples import ImageRef, RawRecord
 
 THUMB_PX = 160
 JPEG_QUALITY = 72
@@ -105,7 +111,7 @@ def thumbnail(data: bytes, limits: Any) -> str:
 
 
 def load_shown(
-    run: Mapping[str, Any],
+    run: RunRecord,
     wanted: Mapping[int, tuple[str, str | None]],
     notes: list[str],
 ) -> dict[int, Shown]:
@@ -114,30 +120,15 @@ def load_shown(
     Returns a :class:`Shown` for every wanted row; a record that cannot be read, or that no longer
     matches its sample id (the input changed since the run), gets a note instead of content.
     """
+    from visa.readers import InputError
+
     shown = {row: Shown(row) for row in wanted}
     if not wanted:
         return shown
-    from visa.images import ImageError, ImageLimits, ImageSource
-    from visa.readers import InputError
-    from visa.run_folder import NoInputRecorded, RunRecord, reopen_input
-    from visa.samples import RecordError, normalize
-
-    record = RunRecord.model_validate(run)
-    try:
-        source, changed = reopen_input(record)
-    except NoInputRecorded:
-        _note_all(shown, "the run records no input path")
-        notes.append("run.json names no input: galleries show scores without images or texts")
+    opened = _open_input(run, shown, notes)
+    if opened is None:
         return shown
-    except (InputError, OSError) as err:
-        _note_all(shown, "input not readable")
-        notes.append(f"the input cannot be read ({_first_line(err)}): galleries show scores only")
-        return shown
-    if changed:
-        notes.append("the input changed since the run: each shown record is checked against its sample id")
-    assert record.input is not None and record.input.path is not None
-    root = Path(record.input.image_root or Path(record.input.path).parent)
-    images = ImageSource(root, ImageLimits(allow_urls=False))
+    source, images = opened
     cache: dict[str, tuple[str | None, str | None]] = {}
     last = max(wanted)
     seen: set[int] = set()
@@ -145,52 +136,93 @@ def load_shown(
         for raw in source.iter_raw():
             if raw.index > last:
                 break
-            if raw.index not in wanted:
-                continue
-            seen.add(raw.index)
-            item = shown[raw.index]
-            sample_id, image_key = wanted[raw.index]
-            try:
-                sample = normalize(raw)
-            except RecordError as err:
-                item.record_note = f"malformed record: {_first_line(err)}"
-                continue
-            ids = {"h:" + sample.record_hash}
-            if sample.record_id is not None:
-                ids.add(sample.record_id)
-            if sample_id not in ids:
-                item.record_note = "the input record at this position is no longer this sample"
-                continue
-            user = next((t for t in sample.turns if t.role == "user"), None)
-            if user is not None:
-                item.question = strip_text(user.text, QUESTION_CHARS)
-                after = sample.turns[sample.turns.index(user) + 1 :]
-                answer = next((t for t in after if t.role == "assistant"), None)
-                if answer is not None:
-                    item.answer = strip_text(answer.text, ANSWER_CHARS)
-            if not sample.images:
-                item.image_note = "text only"
-                continue
-            item.more_images = len(sample.images) - 1
-            ref = sample.images[0]
-            key = image_key or (ref.path if ref.path else None)
-            if key is not None and key in cache:
-                item.thumb, item.image_note = cache[key]
-                continue
-            try:
-                item.thumb = thumbnail(images.read_bytes(ref), images.limits)
-            except ImageError as err:
-                item.image_note = f"image unavailable: {err.kind}"
-            except OSError as err:
-                item.image_note = f"image unavailable: {_first_line(err)}"
-            if key is not None:
-                cache[key] = (item.thumb, item.image_note)
+            if raw.index in wanted:
+                seen.add(raw.index)
+                _fill(shown[raw.index], raw, wanted[raw.index], images, cache)
     except (InputError, OSError, ValueError) as err:
         notes.append(f"reading the input stopped early ({_first_line(err)})")
     for row in set(wanted) - seen:
         if shown[row].record_note is None:
             shown[row].record_note = "record not found in the input"
     return shown
+
+
+def _open_input(run: RunRecord, shown: Mapping[int, Shown], notes: list[str]) -> tuple[Input, ImageSource] | None:
+    """The run's input and its images (read-only, no URLs), or None with a note on every card."""
+    from visa.images import ImageLimits, ImageSource
+    from visa.readers import InputError
+    from visa.run_folder import NoInputRecorded, reopen_input
+
+    try:
+        source, changed = reopen_input(run)
+    except NoInputRecorded:
+        _note_all(shown, "the run records no input path")
+        notes.append("run.json names no input: galleries show scores without images or texts")
+        return None
+    except (InputError, OSError) as err:
+        _note_all(shown, "input not readable")
+        notes.append(f"the input cannot be read ({_first_line(err)}): galleries show scores only")
+        return None
+    if changed:
+        notes.append("the input changed since the run: each shown record is checked against its sample id")
+    spec = run.input
+    assert spec is not None and spec.path is not None  # reopen_input checked it
+    root = Path(spec.image_root) if spec.image_root else Path(spec.path).parent
+    return source, ImageSource(root, ImageLimits(allow_urls=False))
+
+
+def _fill(
+    item: Shown,
+    raw: RawRecord,
+    expected: tuple[str, str | None],
+    images: ImageSource,
+    cache: dict[str, tuple[str | None, str | None]],
+) -> None:
+    """One card's question, answer and thumbnail, after checking the record is still the sample."""
+    from visa.samples import RecordError, normalize
+
+    sample_id, image_key = expected
+    try:
+        sample = normalize(raw)
+    except RecordError as err:
+        item.record_note = f"malformed record: {_first_line(err)}"
+        return
+    ids = {"h:" + sample.record_hash}
+    if sample.record_id is not None:
+        ids.add(sample.record_id)
+    if sample_id not in ids:
+        item.record_note = "the input record at this position is no longer this sample"
+        return
+    user = next((t for t in sample.turns if t.role == "user"), None)
+    if user is not None:
+        item.question = strip_text(user.text, QUESTION_CHARS)
+        after = sample.turns[sample.turns.index(user) + 1 :]
+        answer = next((t for t in after if t.role == "assistant"), None)
+        if answer is not None:
+            item.answer = strip_text(answer.text, ANSWER_CHARS)
+    if not sample.images:
+        item.image_note = "text only"
+        return
+    item.more_images = len(sample.images) - 1
+    ref = sample.images[0]
+    key = image_key or (ref.path if ref.path else None)
+    if key is not None and key in cache:
+        item.thumb, item.image_note = cache[key]
+        return
+    _fill_thumb(item, ref, images)
+    if key is not None:
+        cache[key] = (item.thumb, item.image_note)
+
+
+def _fill_thumb(item: Shown, ref: ImageRef, images: ImageSource) -> None:
+    from visa.images import ImageError
+
+    try:
+        item.thumb = thumbnail(images.read_bytes(ref), images.limits)
+    except ImageError as err:
+        item.image_note = f"image unavailable: {err.kind}"
+    except OSError as err:
+        item.image_note = f"image unavailable: {_first_line(err)}"
 
 
 def _note_all(shown: Mapping[int, Shown], note: str) -> None:
