@@ -28,6 +28,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -86,7 +87,26 @@ def _prepare_all(backend: TransformersVLMBackend, requests: list[AnswerLogprobsR
     return [backend._prepare_logprobs(i, r) for i, r in enumerate(requests)]
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _workload_tokens(backend: TransformersVLMBackend, processor: Any, with_image: list, samples: list) -> dict:
+    """Token counts of the workload (byte tokenizer: answer tokens = answer bytes)."""
+    prepared = [backend._prepare_logprobs(0, r) for r in with_image[:16]]
+    encoded = processor(
+        text=[p.text for p in prepared],
+        images=[p.images for p in prepared],
+        padding=True,
+        return_tensors="pt",
+        add_special_tokens=False,
+    )
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    answer_bytes = [sum(len(t.text.encode()) for t in turns if t.role == "assistant") for _, turns in samples]
+    return {
+        "mean_tokens_with_image": round(float(encoded["attention_mask"].sum(1).float().mean()), 1),
+        "mean_image_tokens": round(float((encoded["input_ids"] == image_token).sum(1).float().mean()), 1),
+        "mean_answer_tokens": round(float(np.mean(answer_bytes)), 1),
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -110,7 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_args(argv)
 
     import torch
 
@@ -142,26 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": [],
     }
     backend = TransformersVLMBackend.from_loaded(model, processor, max_image_pixels=args.max_image_pixels)
-    # Token counts of the workload (byte tokenizer: answer tokens = answer bytes).
-    prepared = [backend._prepare_logprobs(0, r) for r in with_image[:16]]
-    encoded = processor(
-        text=[p.text for p in prepared],
-        images=[p.images for p in prepared],
-        padding=True,
-        return_tensors="pt",
-        add_special_tokens=False,
-    )
-    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    report["mean_tokens_with_image"] = round(float(encoded["attention_mask"].sum(1).float().mean()), 1)
-    report["mean_image_tokens"] = round(float((encoded["input_ids"] == image_token).sum(1).float().mean()), 1)
-    report["mean_answer_tokens"] = round(
-        float(
-            np.mean(
-                [sum(len(t.text.encode()) for t in turns if t.role == "assistant") for _, turns in samples]
-            )
-        ),
-        1,
-    )
+    report.update(_workload_tokens(backend, processor, with_image, samples))
 
     for batch_size in args.batch_sizes:
         if time.perf_counter() - begin > args.budget_s:

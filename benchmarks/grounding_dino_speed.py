@@ -31,6 +31,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -129,7 +130,27 @@ def build(arch: str, model_dir: Path | None):
     return model, tokenizer, GroundingDinoImageProcessor()
 
 
-def main() -> None:
+def _logit_offset(model: Any, image_processor: Any, image: Any, prompt: Any, args: argparse.Namespace) -> float:
+    """The logit offset that lets ``box_rate`` of the queries pass the box threshold on one image
+    and one prompt (random weights score every query alike)."""
+    import torch
+
+    from visa.agents.grounding_dino import detect, encode_image, encode_text
+    from visa.agents.resize import reference_resize
+
+    with torch.inference_mode():
+        pixels = image_processor(
+            images=reference_resize(image),
+            size={"shortest_edge": args.short_side, "longest_edge": args.max_side},
+            return_tensors="pt",
+        )
+        enc = encode_image(model, pixels["pixel_values"], pixels["pixel_mask"])
+        logits, _ = detect(model, enc, encode_text(model, torch.tensor([prompt.input_ids])))
+        best = logits[0].max(-1).values
+        return float(torch.quantile(best, 1 - args.box_rate) - math.log(0.4 / 0.6))
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", nargs="+", default=["chelsea.jpg", "coffee.jpg"])
     parser.add_argument("--n-tags", type=int, default=300, help="random subset of the bundled vocabulary")
@@ -148,13 +169,16 @@ def main() -> None:
         "--model-dir", type=Path, help="a local Grounding DINO checkpoint instead of random init"
     )
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = _parser().parse_args()
 
     import torch
     from PIL import Image
 
-    from visa.agents.grounding_dino import GroundingDinoAgent, GroundingDinoParams, encode_image, encode_text
-    from visa.agents.resize import reference_resize
+    from visa.agents.grounding_dino import GroundingDinoAgent, GroundingDinoParams
     from visa.agents.tfidf import tfidf_scores
     from visa.agents.vocabulary import load_tags
 
@@ -194,24 +218,10 @@ def main() -> None:
 
     # Calibrate one logit offset on the first image and first prompt (see the module docstring).
     # Trained weights (--model-dir) need none.
-    head = model.class_embed[-1]
-    first = next(iter(built.values())).prompts[0]
-    with torch.inference_mode():
-        pixels = image_processor(
-            images=reference_resize(images[0]),
-            size={"shortest_edge": args.short_side, "longest_edge": args.max_side},
-            return_tensors="pt",
-        )
-        from visa.agents.grounding_dino import detect
-
-        enc = encode_image(model, pixels["pixel_values"], pixels["pixel_mask"])
-        logits, _ = detect(model, enc, encode_text(model, torch.tensor([first.input_ids])))
-        best = logits[0].max(-1).values
-        offset = float(torch.quantile(best, 1 - args.box_rate) - math.log(0.4 / 0.6))
+    offset = 0.0
     if args.model_dir is None:
-        head.register_forward_hook(lambda module, inputs, output: output - offset)
-    else:
-        offset = 0.0
+        offset = _logit_offset(model, image_processor, images[0], next(iter(built.values())).prompts[0], args)
+        model.class_embed[-1].register_forward_hook(lambda module, inputs, output: output - offset)
 
     results: dict[str, list[dict]] = {m: [] for m in args.modes}
     timings: dict[str, list[dict]] = {m: [] for m in args.modes}

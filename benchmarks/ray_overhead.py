@@ -34,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -92,6 +93,41 @@ def compare(a: Path, b: Path) -> dict:
     return {"identical": False, "max_abs_diff": worst, "differing_values": differing}
 
 
+def measure(args: argparse.Namespace, recipe: Any, data: Path, out: Path) -> dict:
+    """Score ``data`` with the local executor and with Ray (in the order asked), and compare."""
+    from visa.executors.ray import RayExecutor
+    from visa.scoring import score
+
+    pools = RayExecutor().placements(recipe)
+    per_actor = min(1.0, (args.cpus - 2 * args.task_cpus) / len(pools))
+    executor = RayExecutor(pools={"*": {"size": 1, "cpus": per_actor}}, task_cpus=args.task_cpus)
+    timed: dict[str, tuple[dict, float, list[float]]] = {}
+    for which in (["ray", "local"] if args.ray_first else ["local", "ray"]):
+        load = os.getloadavg()[0]
+        started = time.perf_counter()
+        if which == "local":
+            with threads(args.local_threads):
+                record = score(recipe, data, out / "local", image_root=EXAMPLES)
+        else:
+            record = score(recipe, data, out / "ray", image_root=EXAMPLES, executor=executor)
+        timed[which] = (record, time.perf_counter() - started, [round(load, 1), round(os.getloadavg()[0], 1)])
+    (local, local_wall, local_load), (remote, ray_wall, ray_load) = timed["local"], timed["ray"]
+    return {
+        "pools": [p.describe() for p in executor.placements(recipe)],
+        "shards": remote["shards"]["total"],
+        "order": "ray, local" if args.ray_first else "local, ray",
+        "local_threads": args.local_threads or "default",
+        "load_average_1min_start_end": {"local": local_load, "ray": ray_load},
+        "local_seconds": round(local_wall, 2),
+        "ray_seconds": round(ray_wall, 2),
+        "ray_minus_local_seconds": round(ray_wall - local_wall, 2),
+        "ray_over_local": round(ray_wall / local_wall, 3),
+        "local_agent_seconds": {k: v["seconds"] for k, v in local["timings"]["agents"].items()},
+        "ray_agent_seconds": {k: v["seconds"] for k, v in remote["timings"]["agents"].items()},
+        "tables": compare(out / "local" / "scores.parquet", out / "ray" / "scores.parquet"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=146)
@@ -107,9 +143,7 @@ def main() -> None:
 
     import ray
 
-    from visa.executors.ray import RayExecutor
     from visa.recipe import ExecutionSpec, load_recipe
-    from visa.scoring import score
 
     work = Path(tempfile.mkdtemp(prefix="visa-ray-overhead-"))
     records = json.loads((EXAMPLES / "llava.json").read_text())
@@ -127,45 +161,14 @@ def main() -> None:
         "ray_init_seconds": round(ray_start, 2), "load_average_before": os.getloadavg(), "runs": {},
     }
     for name, n in [(recipe_name, n) for recipe_name in args.recipes for n in sizes[recipe_name]]:
-        data = replicate(records, n, work / f"data-{n}.json")
         label = f"{name}@{n}"
         recipe = load_recipe("embedded" if name == "embedded" else stats_yaml)
         recipe = recipe.model_copy(update={"execution": ExecutionSpec(shard_size=args.shard_size)})
-        pools = RayExecutor().placements(recipe)
-        per_actor = min(1.0, (args.cpus - 2 * args.task_cpus) / len(pools))
-        executor = RayExecutor(pools={"*": {"size": 1, "cpus": per_actor}}, task_cpus=args.task_cpus)
-
-        timed: dict[str, tuple[dict, float, list[float]]] = {}
-        for which in (["ray", "local"] if args.ray_first else ["local", "ray"]):
-            load = os.getloadavg()[0]
-            started = time.perf_counter()
-            if which == "local":
-                with threads(args.local_threads):
-                    record = score(recipe, data, work / label / "local", image_root=EXAMPLES)
-            else:
-                record = score(recipe, data, work / label / "ray", image_root=EXAMPLES, executor=executor)
-            timed[which] = (record, time.perf_counter() - started, [round(load, 1), round(os.getloadavg()[0], 1)])
-        (local, local_wall, local_load), (remote, ray_wall, ray_load) = timed["local"], timed["ray"]
-        shards = remote["shards"]["total"]
-        run = {
-            "recipe": name,
-            "records": n,
-            "pools": [p.describe() for p in executor.placements(recipe)],
-            "shards": shards,
-            "order": "ray, local" if args.ray_first else "local, ray",
-            "local_threads": args.local_threads or "default",
-            "load_average_1min_start_end": {"local": local_load, "ray": ray_load},
-            "local_seconds": round(local_wall, 2),
-            "ray_seconds": round(ray_wall, 2),
-            "ray_minus_local_seconds": round(ray_wall - local_wall, 2),
-            "ray_over_local": round(ray_wall / local_wall, 3),
-            "local_agent_seconds": {k: v["seconds"] for k, v in local["timings"]["agents"].items()},
-            "ray_agent_seconds": {k: v["seconds"] for k, v in remote["timings"]["agents"].items()},
-            "tables": compare(work / label / "local" / "scores.parquet", work / label / "ray" / "scores.parquet"),
-        }
+        run = measure(args, recipe, replicate(records, n, work / f"data-{n}.json"), work / label)
+        run = {"recipe": name, "records": n, **run}
         results["runs"][label] = run
-        print(f"{label}: {shards} shards, pools {run['pools']}", file=sys.stderr)
-        print(f"  local {local_wall:.1f} s, ray {ray_wall:.1f} s (+ init {ray_start:.1f} s), "
+        print(f"{label}: {run['shards']} shards, pools {run['pools']}", file=sys.stderr)
+        print(f"  local {run['local_seconds']:.1f} s, ray {run['ray_seconds']:.1f} s (+ init {ray_start:.1f} s), "
               f"tables {run['tables']}", file=sys.stderr)
     for run in results["runs"].values():  # everything Ray adds, fixed start included, spread over the shards
         run["ray_extra_seconds_per_shard"] = round(run["ray_minus_local_seconds"] / run["shards"], 3)

@@ -40,6 +40,51 @@ def _strings(prefix: str, values: np.ndarray) -> pa.Array:
     return pa.array(np.char.add(prefix, values.astype("U")), pa.string())
 
 
+#: The synthetic run's agents per score family.
+AGENTS = {
+    "sc": ("felzenszwalb", "ocr"),
+    "oa": ("tagger",),
+    "dp": ("judge",),
+    "pt": ("lm",),
+    "im": ("lm", "pmi"),
+}
+
+
+def _score_columns(
+    rng: np.random.Generator, image: np.ndarray, images: int, text_only: np.ndarray, error: np.ndarray
+) -> dict[str, pa.Array]:
+    """Agent columns (correlated within a family, image-level ones shared by an image's samples) and
+    the families' fused columns (mean of z-scored agents)."""
+    rows = image.size
+    cols: dict[str, pa.Array] = {}
+    quality = rng.normal(size=images)
+    fused = {}
+    for family, names in AGENTS.items():
+        per_image = family in ("sc", "oa", "dp")
+        common = rng.normal(size=images if per_image else rows)
+        zs = []
+        for name in names:
+            noise = rng.normal(size=images if per_image else rows)
+            if per_image:
+                values = (quality + common + 0.5 * noise)[image]
+                values[text_only] = np.nan
+            else:
+                values = common + 0.5 * noise
+            if family == "sc":
+                values = np.round(np.clip(20 + 8 * values, 0, None))
+            elif family == "dp":
+                values = np.clip(np.round(3 + values), 1, 5)
+            values[error | (rng.random(rows) < 0.002)] = np.nan
+            cols[f"{family}.{name}"] = pa.array(values, pa.float64(), mask=np.isnan(values))
+            zs.append((values - np.nanmean(values)) / np.nanstd(values))
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # rows where every agent is null
+            fused[family] = np.nanmean(np.vstack(zs), axis=0) if len(zs) > 1 else zs[0]
+    for family, values in fused.items():
+        cols[family] = pa.array(values, pa.float64(), mask=np.isnan(values))
+    return cols
+
+
 def generate(run_dir: Path, rows: int, images: int, with_input: bool, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -70,38 +115,7 @@ def generate(run_dir: Path, rows: int, images: int, with_input: bool, seed: int 
         "meta.meta.kind": kinds.take(pa.array(rng.integers(0, 4, rows))),
         "meta.uid": _strings("u", rng.permutation(rows)),
     }
-    quality = rng.normal(size=images)
-    agents = {
-        "sc": ("felzenszwalb", "ocr"),
-        "oa": ("tagger",),
-        "dp": ("judge",),
-        "pt": ("lm",),
-        "im": ("lm", "pmi"),
-    }
-    fused = {}
-    for family, names in agents.items():
-        per_image = family in ("sc", "oa", "dp")
-        common = rng.normal(size=images if per_image else rows)
-        zs = []
-        for name in names:
-            noise = rng.normal(size=images if per_image else rows)
-            if per_image:
-                values = (quality + common + 0.5 * noise)[image]
-                values[text_only] = np.nan
-            else:
-                values = common + 0.5 * noise
-            if family == "sc":
-                values = np.round(np.clip(20 + 8 * values, 0, None))
-            elif family == "dp":
-                values = np.clip(np.round(3 + values), 1, 5)
-            values[error | (rng.random(rows) < 0.002)] = np.nan
-            cols[f"{family}.{name}"] = pa.array(values, pa.float64(), mask=np.isnan(values))
-            zs.append((values - np.nanmean(values)) / np.nanstd(values))
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # rows where every agent is null
-            fused[family] = np.nanmean(np.vstack(zs), axis=0) if len(zs) > 1 else zs[0]
-    for family, values in fused.items():
-        cols[family] = pa.array(values, pa.float64(), mask=np.isnan(values))
+    cols.update(_score_columns(rng, image, images, text_only, error))
     vocabulary = pa.array(["person", "car", "dog", "tree", "table", "sky", "sign", "cup"])
     counts = rng.integers(0, 4, rows).astype(np.int32)
     label_offsets = np.zeros(rows + 1, dtype=np.int32)
@@ -152,7 +166,7 @@ def generate(run_dir: Path, rows: int, images: int, with_input: bool, seed: int 
                 "unit": "image" if f in ("sc", "oa", "dp") else "sample",
                 "models": {},
             }
-            for f, names in agents.items()
+            for f, names in AGENTS.items()
             for a in names
         ],
         "counts": {
@@ -167,7 +181,7 @@ def generate(run_dir: Path, rows: int, images: int, with_input: bool, seed: int 
         "timings": {
             "agents": {
                 f"{f}.{a}": {"items": images, "errors": 0, "seconds": 1000.0}
-                for f, names in agents.items()
+                for f, names in AGENTS.items()
                 for a in names
             },
             "scoring_seconds": 10000.0,

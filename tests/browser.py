@@ -176,18 +176,7 @@ def open_page(
     tools: _DevTools | None = None
     report = PageReport()
     try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + timeout
-        while not (port_file.is_file() and len(port_file.read_text().splitlines()) >= 2):
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"chromium exited with {proc.returncode}: "
-                    f"{(profile / 'stderr.log').read_text(errors='replace')[-2000:]}"
-                )
-            if time.monotonic() > deadline:
-                raise TimeoutError("chromium did not open its DevTools port")
-            time.sleep(0.05)
-        port, browser_path = port_file.read_text().splitlines()[:2]
+        port, browser_path = _devtools_port(proc, profile, timeout)
         tools = _DevTools(f"ws://127.0.0.1:{port}{browser_path}", timeout)
         target = tools.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = tools.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
@@ -211,16 +200,7 @@ def open_page(
                 raise RuntimeError(f"evaluating {name}: {result['exceptionDetails'].get('text')}")
             report.values[name] = result["result"].get("value")
         for out, (top, shot_height) in (screenshots or {}).items():
-            shot = tools.call(
-                "Page.captureScreenshot",
-                {
-                    "format": "png",
-                    "captureBeyondViewport": True,
-                    "clip": {"x": 0, "y": top, "width": width, "height": shot_height, "scale": 1},
-                },
-                session=session,
-            )
-            Path(out).write_bytes(base64.b64decode(shot["data"]))
+            _screenshot(tools, session, Path(out), (0, top, width, shot_height))
             report.screenshots.append(Path(out))
         _collect(tools.events, report)
         try:
@@ -238,6 +218,38 @@ def open_page(
         log.close()
         shutil.rmtree(profile, ignore_errors=True)
     return report
+
+
+def _devtools_port(proc: subprocess.Popen[bytes], profile: Path, timeout: float) -> tuple[str, str]:
+    """Wait for Chromium to write its DevTools port and browser path into the profile."""
+    port_file = profile / "DevToolsActivePort"
+    deadline = time.monotonic() + timeout
+    while not (port_file.is_file() and len(port_file.read_text().splitlines()) >= 2):
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"chromium exited with {proc.returncode}: "
+                f"{(profile / 'stderr.log').read_text(errors='replace')[-2000:]}"
+            )
+        if time.monotonic() > deadline:
+            raise TimeoutError("chromium did not open its DevTools port")
+        time.sleep(0.05)
+    port, browser_path = port_file.read_text().splitlines()[:2]
+    return port, browser_path
+
+
+def _screenshot(tools: _DevTools, session: str, out: Path, region: tuple[int, int, int, int]) -> None:
+    """Capture the page region ``(x, y, width, height)`` (CSS pixels) as a PNG at ``out``."""
+    x, y, width, height = region
+    shot = tools.call(
+        "Page.captureScreenshot",
+        {
+            "format": "png",
+            "captureBeyondViewport": True,
+            "clip": {"x": x, "y": y, "width": width, "height": height, "scale": 1},
+        },
+        session=session,
+    )
+    out.write_bytes(base64.b64decode(shot["data"]))
 
 
 def _collect(events: list[dict[str, Any]], report: PageReport) -> None:

@@ -60,34 +60,10 @@ class OpenAICompatibleServer:
                     self._send(404, {"error": {"message": f"no route {self.path}", "code": 404}})
 
             def do_POST(self) -> None:
-                with server._lock:
-                    server.in_flight += 1
-                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                    fault = server.faults.pop(0) if server.faults else None
-                try:
-                    length = int(self.headers.get("Content-Length", 0))
-                    raw = self.rfile.read(length)
-                    if isinstance(fault, float):
-                        time.sleep(fault)
-                    elif isinstance(fault, int):
-                        self._send(fault, {"error": {"message": f"injected failure {fault}", "code": fault}})
-                        return
-                    if self.path.rstrip("/") != "/v1/chat/completions":
-                        raise BadRequest(f"no route {self.path}", 404)
-                    try:
-                        body = json.loads(raw)
-                    except ValueError:
-                        raise BadRequest("request body is not JSON") from None
-                    with server._lock:
-                        server.bodies.append(body)
-                    self._send(200, server.chat_completion(body))
-                except BadRequest as error:
-                    self._send(error.status, {"error": {"message": str(error), "type": "BadRequestError"}})
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-                finally:
-                    with server._lock:
-                        server.in_flight -= 1
+                length = int(self.headers.get("Content-Length", 0))
+                status, payload = server.answer(self.path, lambda: self.rfile.read(length))
+                if status:
+                    self._send(status, payload)
 
             def _send(self, status: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()
@@ -104,6 +80,36 @@ class OpenAICompatibleServer:
         self._http.daemon_threads = True
         threading.Thread(target=self._http.serve_forever, daemon=True).start()
         return f"http://127.0.0.1:{self._http.server_address[1]}/v1"
+
+    def answer(self, path: str, read: Any) -> tuple[int, dict[str, Any]]:
+        """Status and JSON payload for a POST to ``path`` whose body ``read()`` returns; injected
+        faults (a delay, or an HTTP status) apply in order; status 0: the client went away."""
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            fault = self.faults.pop(0) if self.faults else None
+        try:
+            raw = read()
+            if isinstance(fault, float):
+                time.sleep(fault)
+            elif isinstance(fault, int):
+                return fault, {"error": {"message": f"injected failure {fault}", "code": fault}}
+            if path.rstrip("/") != "/v1/chat/completions":
+                raise BadRequest(f"no route {path}", 404)
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise BadRequest("request body is not JSON") from None
+            with self._lock:
+                self.bodies.append(body)
+            return 200, self.chat_completion(body)
+        except BadRequest as error:
+            return error.status, {"error": {"message": str(error), "type": "BadRequestError"}}
+        except (BrokenPipeError, ConnectionResetError):
+            return 0, {}
+        finally:
+            with self._lock:
+                self.in_flight -= 1
 
     def stop(self) -> None:
         if self._http is not None:

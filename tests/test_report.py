@@ -58,13 +58,9 @@ def write_input(folder: Path) -> list[dict | None]:
     return records[:10] + [None] + records[10:]
 
 
-def make_run(folder: Path, *, n_agents_sc: int = 2, with_selection: bool = True, seed: int = 0) -> Path:
-    """A run folder like `visa score` + `visa select` write, with plausible synthetic values."""
-    folder.mkdir(parents=True, exist_ok=True)
-    records = write_input(folder)
-    rng = np.random.default_rng(seed)
-    n = len(records)
-    sample_ids, keys, kinds, errors, metas_kind, metas_photo, metas_uid = [], [], [], [], [], [], []
+def record_columns(records: list) -> tuple[list, ...]:
+    """Per record: sample id, first image key, all image keys, error kind and message, two meta fields."""
+    sample_ids, keys, kinds, errors, metas_kind, metas_photo = [], [], [], [], [], []
     all_keys: list[list[str]] = []
     for i, rec in enumerate(records):
         if rec is None:
@@ -87,7 +83,17 @@ def make_run(folder: Path, *, n_agents_sc: int = 2, with_selection: bool = True,
             metas_kind.append(rec.get("meta", {}).get("kind"))
             photo = rec.get("meta", {}).get("photo")
             metas_photo.append(photo if not isinstance(photo, list) else None)  # as assembly keeps scalars
-        metas_uid.append(f"uid-{i}")
+    return sample_ids, keys, all_keys, kinds, errors, metas_kind, metas_photo
+
+
+def make_run(folder: Path, *, n_agents_sc: int = 2, with_selection: bool = True, seed: int = 0) -> Path:
+    """A run folder like `visa score` + `visa select` write, with plausible synthetic values."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = write_input(folder)
+    rng = np.random.default_rng(seed)
+    n = len(records)
+    sample_ids, keys, all_keys, kinds, errors, metas_kind, metas_photo = record_columns(records)
+    metas_uid = [f"uid-{i}" for i in range(n)]
     error = np.array([k is not None for k in kinds])
     image_names = sorted({k for k in keys if k})
     image_value = {k: rng.normal(size=4) for k in image_names}

@@ -209,17 +209,7 @@ def fuse_family(
     """
     n_agents = len(agents)
     n_rows = len(columns[0]) if columns else 0
-    excluded: dict[str, str] = {}
-    usable: list[int] = []
-    for j, name in enumerate(agents):
-        pool = columns[j][calibration_pool]
-        if pool.size == 0 or np.isnan(pool).all():
-            excluded[name] = "all null"
-        elif np.nanmin(pool) == np.nanmax(pool):
-            excluded[name] = "constant"
-        else:
-            usable.append(j)
-
+    usable, excluded = _usable_agents(columns, agents, calibration_pool)
     report: dict[str, Any] = {
         "agents": list(agents),
         "weights": {name: 0.0 for name in agents},
@@ -231,34 +221,15 @@ def fuse_family(
         "standardisation": {},
         "excluded": excluded,
     }
-    fused = np.full(n_rows, np.nan)
-    sample = np.zeros((0, 0))
-    complete_rows = np.zeros(0, dtype=np.int64)
-    while usable:
-        complete = np.ones(calibration_pool.size, dtype=bool)
-        for j in usable:
-            complete &= ~np.isnan(columns[j][calibration_pool])
-        complete_rows = calibration_pool[complete]
-        chosen = complete_rows
-        if chosen.size > calibration_size:
-            rng = np.random.default_rng(seed)
-            chosen = np.sort(rng.choice(chosen, size=calibration_size, replace=False))
-        sample = np.column_stack([columns[j][chosen] for j in usable])
-        if len(sample) < 2:
-            break
-        std = sample.std(axis=0, ddof=1)
-        flat = [usable[k] for k in range(len(usable)) if not std[k] > 0]
-        if not flat:
-            break
-        for j in flat:  # constant on the calibration sample: cannot be standardised
-            excluded[agents[j]] = "constant"
-        usable = [j for j in usable if j not in flat]
+    usable, sample, complete_rows = _calibration_sample(
+        columns, agents, usable, calibration_pool, calibration_size, seed, excluded
+    )
     report["calibration_pool"] = int(complete_rows.size) if usable else 0
     report["calibration_size"] = len(sample) if usable else 0
 
     if not usable:
         report["note"] = "no usable agent: the fused score is null"
-        return fused, report
+        return np.full(n_rows, np.nan), report
     if len(sample) < 2:
         # No two rows have every usable agent: standardise each agent on its own values, equal weights.
         mean = np.array([np.nanmean(columns[j][calibration_pool]) for j in usable])
@@ -268,35 +239,102 @@ def fuse_family(
     else:
         mean = sample.mean(axis=0)
         std = sample.std(axis=0, ddof=1)
-        corr = np.atleast_2d(np.corrcoef(sample, rowvar=False)) if len(usable) > 1 else np.ones((1, 1))
-        for a, ja in enumerate(usable):
-            for b, jb in enumerate(usable):
-                report["pearson"][ja][jb] = _json_float(float(corr[a, b]))
-        if len(usable) == 1:
-            weights = np.ones(1)
-        elif len(usable) <= exact_max_agents:
-            weights = shapley_exact(corr)
-        else:
-            weights, stderr = shapley_sampled(corr, permutations=permutations, seed=seed)
-            report["exact"] = False
-            report["permutations"] = int(permutations)
-        total = float(weights.sum())
-        if not abs(total) > 1e-9:
-            weights = np.full(len(usable), 1.0 / len(usable))
-            report["note"] = "the agents cancel out (v(all) = 0): equal weights"
-        else:
-            weights = weights / total
-            if not report["exact"]:
-                report["stderr"] = {name: 0.0 for name in agents}
-                for k, j in enumerate(usable):
-                    report["stderr"][agents[j]] = float(stderr[k] / abs(total))
+        weights = _shapley_weights(sample, agents, usable, report, exact_max_agents, permutations, seed)
 
     for k, j in enumerate(usable):
         report["weights"][agents[j]] = float(weights[k])
         report["standardisation"][agents[j]] = {"mean": float(mean[k]), "std": float(std[k])}
     z_columns = [(columns[j] - mean[k]) / std[k] for k, j in enumerate(usable)]
-    fused = renormalised_sum(z_columns, weights)
-    return fused, report
+    return renormalised_sum(z_columns, weights), report
+
+
+def _usable_agents(
+    columns: Sequence[np.ndarray], agents: list[str], pool: np.ndarray
+) -> tuple[list[int], dict[str, str]]:
+    """Agents with at least two distinct values on the pool, and why the others are excluded."""
+    excluded: dict[str, str] = {}
+    usable: list[int] = []
+    for j, name in enumerate(agents):
+        values = columns[j][pool]
+        if values.size == 0 or np.isnan(values).all():
+            excluded[name] = "all null"
+        elif np.nanmin(values) == np.nanmax(values):
+            excluded[name] = "constant"
+        else:
+            usable.append(j)
+    return usable, excluded
+
+
+def _calibration_sample(
+    columns: Sequence[np.ndarray],
+    agents: list[str],
+    usable: list[int],
+    pool: np.ndarray,
+    size: int,
+    seed: int,
+    excluded: dict[str, str],
+) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The calibration sample (rows x usable agents) drawn among the pool rows where every usable
+    agent has a value. An agent constant on it cannot be standardised: it joins ``excluded`` and
+    the sample is drawn again without it. Returns the usable agents, the sample and the rows it
+    was drawn from."""
+    sample = np.zeros((0, 0))
+    complete_rows = np.zeros(0, dtype=np.int64)
+    while usable:
+        complete = np.ones(pool.size, dtype=bool)
+        for j in usable:
+            complete &= ~np.isnan(columns[j][pool])
+        complete_rows = pool[complete]
+        chosen = complete_rows
+        if chosen.size > size:
+            rng = np.random.default_rng(seed)
+            chosen = np.sort(rng.choice(chosen, size=size, replace=False))
+        sample = np.column_stack([columns[j][chosen] for j in usable])
+        if len(sample) < 2:
+            break
+        std = sample.std(axis=0, ddof=1)
+        flat = [usable[k] for k in range(len(usable)) if not std[k] > 0]
+        if not flat:
+            break
+        for j in flat:
+            excluded[agents[j]] = "constant"
+        usable = [j for j in usable if j not in flat]
+    return usable, sample, complete_rows
+
+
+def _shapley_weights(
+    sample: np.ndarray,
+    agents: list[str],
+    usable: list[int],
+    report: dict[str, Any],
+    exact_max_agents: int,
+    permutations: int,
+    seed: int,
+) -> np.ndarray:
+    """Normalised Shapley weights of the usable agents on the calibration sample; records the
+    Pearson matrix, exact or sampled, and (sampled) the standard errors in ``report``."""
+    corr = np.atleast_2d(np.corrcoef(sample, rowvar=False)) if len(usable) > 1 else np.ones((1, 1))
+    for a, ja in enumerate(usable):
+        for b, jb in enumerate(usable):
+            report["pearson"][ja][jb] = _json_float(float(corr[a, b]))
+    stderr = None
+    if len(usable) == 1:
+        weights = np.ones(1)
+    elif len(usable) <= exact_max_agents:
+        weights = shapley_exact(corr)
+    else:
+        weights, stderr = shapley_sampled(corr, permutations=permutations, seed=seed)
+        report["exact"] = False
+        report["permutations"] = int(permutations)
+    total = float(weights.sum())
+    if not abs(total) > 1e-9:
+        report["note"] = "the agents cancel out (v(all) = 0): equal weights"
+        return np.full(len(usable), 1.0 / len(usable))
+    if stderr is not None:
+        report["stderr"] = {name: 0.0 for name in agents}
+        for k, j in enumerate(usable):
+            report["stderr"][agents[j]] = float(stderr[k] / abs(total))
+    return weights / total
 
 
 def _nanstd(values: np.ndarray) -> float:

@@ -446,65 +446,23 @@ class RayExecutor:
         first: tuple[int, list[RawRecord]], pending: PendingShards, on_shard: ShardHook,
         on_items: ProgressHook | None,
     ) -> None:
-        from ray.util.queue import Full, Queue
-
-        feed = Queue(maxsize=FEED_SLOTS, actor_options={"num_cpus": 0})
-        skipped: queue.SimpleQueue[ShardStats] = queue.SimpleQueue()
-        pending.on_skipped = skipped.put  # the feeder thread iterates from here on
-        stop = threading.Event()
-        failure: list[BaseException] = []
-
-        def put(item: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    feed.put(item, timeout=0.5)
-                    return True
-                except Full:
-                    continue
-            return False
-
-        def feeder() -> None:
-            try:
-                if not put(_RawShard(*first)):
-                    return
-                for shard, chunk in pending:
-                    if not put(_RawShard(shard, chunk)):
-                        return
-            except BaseException as err:  # noqa: BLE001 - re-raised by the driver thread
-                failure.append(err)
-            finally:
-                put(None)
-
-        def drain() -> None:
-            while True:
-                try:
-                    on_shard(skipped.get_nowait())
-                except queue.Empty:
-                    return
-
-        thread = threading.Thread(target=feeder, name="visa-ray-feed", daemon=True)
+        feeder = _Feeder(first, pending)
         with _quiet_ray_data(ray):
-            dataset = self._dataset(ray, feed, plan, planned, placements)
-            thread.start()
+            dataset = self._dataset(ray, feeder.feed, plan, planned, placements)
+            feeder.start()
             try:
                 for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                    drain()
+                    feeder.drain(on_shard)
                     for text in batch["stats"]:
-                        stats = _stats_from_json(text)
-                        if on_items is not None:
-                            for column, agent_stats in stats.agents.items():
-                                on_items(column, agent_stats.items)
-                        on_shard(stats)
+                        _report(_stats_from_json(text), on_shard, on_items)
             except Exception as err:
                 raise _stopped(err) from err
             finally:
-                stop.set()
-                thread.join(timeout=10)
-                feed.shutdown()
+                feeder.stop()
                 self.last_stats = dataset.stats()
-        drain()
-        if failure:
-            raise failure[0]
+        feeder.drain(on_shard)
+        if feeder.failure:
+            raise feeder.failure[0]
 
     def _dataset(
         self, ray: Any, feed: Any, plan: RunPlan, planned: list[PlannedAgent], placements: list[Placement]
@@ -580,6 +538,71 @@ def _scaled(placements: Sequence[Placement], resource: str, available: float, *,
         if flexible(p) else p
         for p in placements
     ]
+
+
+class _Feeder:
+    """Puts the pending shards into a bounded Ray queue from a thread of the driver.
+
+    Shards found finished on the way are queued here for the driver thread (:meth:`drain`), which
+    alone calls the executor's hooks; an error in the thread is kept in :attr:`failure`.
+    """
+
+    def __init__(self, first: tuple[int, list[RawRecord]], pending: PendingShards):
+        from ray.util.queue import Queue
+
+        self.feed = Queue(maxsize=FEED_SLOTS, actor_options={"num_cpus": 0})
+        self.first, self.pending = first, pending
+        self.skipped: queue.SimpleQueue[ShardStats] = queue.SimpleQueue()
+        pending.on_skipped = self.skipped.put  # the feeder thread iterates from here on
+        self.stopping = threading.Event()
+        self.failure: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, name="visa-ray-feed", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _put(self, item: Any) -> bool:
+        from ray.util.queue import Full
+
+        while not self.stopping.is_set():
+            try:
+                self.feed.put(item, timeout=0.5)
+                return True
+            except Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            if not self._put(_RawShard(*self.first)):
+                return
+            for shard, chunk in self.pending:
+                if not self._put(_RawShard(shard, chunk)):
+                    return
+        except BaseException as err:  # noqa: BLE001 - re-raised by the driver thread
+            self.failure.append(err)
+        finally:
+            self._put(None)
+
+    def drain(self, on_shard: ShardHook) -> None:
+        """Report the shards found finished so far (driver thread)."""
+        while True:
+            try:
+                on_shard(self.skipped.get_nowait())
+            except queue.Empty:
+                return
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10)
+        self.feed.shutdown()
+
+
+def _report(stats: ShardStats, on_shard: ShardHook, on_items: ProgressHook | None) -> None:
+    if on_items is not None:
+        for column, agent_stats in stats.agents.items():
+            on_items(column, agent_stats.items)
+    on_shard(stats)
 
 
 def _group_key(planned: PlannedAgent, pool: Pool) -> str:

@@ -17,6 +17,7 @@ import functools
 import json
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -125,6 +126,85 @@ class _Window:
                 return False
 
 
+
+@dataclass
+class _Scan:
+    """The state of :meth:`JsonArrayInput._scan_element` over the window's buffer: the element's
+    start, the scan position, nesting depth, whether inside a string, and the resync pattern once
+    an unclosed string made depth tracking unreliable."""
+
+    start: int
+    i: int
+    indent: str | None
+    depth: int = 0
+    in_string: bool = False
+    too_large: bool = False
+    resync: re.Pattern[str] | None = None
+
+    def text(self, buf: str, start: int, end: int | None) -> str | None:
+        return None if self.too_large else buf[start:end].rstrip(" \t\r\n")
+
+    def chunk(self, w: _Window) -> tuple[str | None, str | None] | None:
+        """Scan the rest of the buffer: the element and its terminator, or None to read more."""
+        buf = w.buf
+        n = len(buf)
+        while self.i < n:
+            if self.resync is not None:
+                return self._resync(w, buf, n)
+            if self.in_string:
+                if not self._string(w, buf, n):
+                    return None
+                continue
+            m = _STRUCTURAL.search(buf, self.i)
+            if m is None:
+                self.i = n
+                return None
+            c = m.group()
+            self.i = m.end()
+            if c == '"':
+                self.in_string = True
+            elif c == "{" or c == "[":
+                self.depth += 1
+            elif self.depth == 0 and (c == "," or c == "]"):
+                w.pos = self.i - 1
+                return self.text(buf, self.start, self.i - 1), c
+            elif c == "}" or c == "]":
+                self.depth = max(self.depth - 1, 0)
+        return None
+
+    def _resync(self, w: _Window, buf: str, n: int) -> tuple[str | None, str | None] | None:
+        assert self.resync is not None
+        m = self.resync.search(buf, self.i)
+        if m is None:
+            self.i = max(self.i, n - _RESYNC_OVERLAP)  # a separator may straddle the chunk boundary
+            return None
+        end = m.start()
+        w.pos = end if m.group("comma") else buf.index("]", m.end())
+        return self.text(buf, self.start, end), buf[w.pos]
+
+    def _string(self, w: _Window, buf: str, n: int) -> bool:
+        """Advance inside a string; False when the rest of it is in the next chunk."""
+        m = _IN_STRING.search(buf, self.i)
+        if m is None:
+            self.i = n
+            return False
+        c = m.group()
+        if c == "\\":
+            if m.end() >= n and not w.eof:
+                self.i = m.start()  # the escaped character is in the next chunk
+                return False
+            self.i = min(m.end() + 1, n)
+            return True
+        self.in_string = False
+        self.i = m.end()
+        if c == "\n" and self.indent is not None:
+            self.resync = _resync_pattern(self.indent)
+            self.i = len(buf[self.start : m.start()].rstrip(" \t\r")) + self.start  # the line's own end
+            if self.i > self.start and buf[self.i - 1] == ",":
+                self.i -= 1
+        return True
+
+
 class JsonArrayInput(Input):
     """A ``.json`` file holding one top-level array of record objects."""
 
@@ -227,68 +307,20 @@ class JsonArrayInput(Input):
         then ends before the next line that starts a value at the element's own indentation after a
         ``,`` (or a line holding the array's closing ``]``).
         """
-        start = i = w.pos
-        indent = w.indentation(start)
-        depth = 0
-        in_string = False
-        too_large = False
-        resync: re.Pattern[str] | None = None
+        scan = _Scan(start=w.pos, i=w.pos, indent=w.indentation(w.pos))
         while True:
-            buf = w.buf
-            n = len(buf)
-            while i < n:
-                if resync is not None:
-                    m = resync.search(buf, i)
-                    if m is None:
-                        i = max(i, n - _RESYNC_OVERLAP)  # a separator may straddle the chunk boundary
-                        break
-                    end = m.start()
-                    w.pos = end if m.group("comma") else buf.index("]", m.end())
-                    return (None if too_large else buf[start:end].rstrip(" \t\r\n")), buf[w.pos]
-                if in_string:
-                    m = _IN_STRING.search(buf, i)
-                    if m is None:
-                        i = n
-                        break
-                    c = m.group()
-                    if c == "\\":
-                        if m.end() >= n and not w.eof:
-                            i = m.start()  # the escaped character is in the next chunk
-                            break
-                        i = min(m.end() + 1, n)
-                        continue
-                    in_string = False
-                    i = m.end()
-                    if c == "\n" and indent is not None:
-                        resync = _resync_pattern(indent)
-                        i = len(buf[start : m.start()].rstrip(" \t\r")) + start  # the line's own end
-                        if i > start and buf[i - 1] == ",":
-                            i -= 1
-                    continue
-                m = _STRUCTURAL.search(buf, i)
-                if m is None:
-                    i = n
-                    break
-                c = m.group()
-                i = m.end()
-                if c == '"':
-                    in_string = True
-                elif c == "{" or c == "[":
-                    depth += 1
-                elif depth == 0 and (c == "," or c == "]"):
-                    w.pos = i - 1
-                    return (None if too_large else buf[start : i - 1].rstrip(" \t\r\n")), c
-                elif c == "}" or c == "]":
-                    depth = max(depth - 1, 0)
-            if not too_large and i - start > self.max_record_bytes:
-                too_large = True
-            w.pos = i if too_large else start
+            found = scan.chunk(w)
+            if found is not None:
+                return found
+            if not scan.too_large and scan.i - scan.start > self.max_record_bytes:
+                scan.too_large = True
+            w.pos = scan.i if scan.too_large else scan.start
             shift = w.pos
             if not w.fill():
                 w.pos = len(w.buf)
-                return (None if too_large else w.buf[start - shift :].rstrip(" \t\r\n")), None
-            i -= shift
-            start -= shift
+                return scan.text(w.buf, scan.start - shift, None), None
+            scan.i -= shift
+            scan.start -= shift
 
     def _to_record(
         self, text: str | None, obj: Any, line: int, *, truncated: bool, may_have_bad_bytes: bool
