@@ -67,13 +67,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from visa.executors.ray import ExecutorError
     from visa.readers import InputError
     from visa.recipe import RecipeError
+    from visa.run_folder import RunFolderError
     from visa.run_lock import RunFolderBusy
     from visa.selection import SelectionError
     from visa.store import WorkDirMismatch
 
     return (
         RecipeError, InputError, WorkDirMismatch, FileNotFoundError, NotADirectoryError, PermissionError,
-        MissingDependency, ExecutorError, SelectionError, RunFolderBusy,
+        MissingDependency, ExecutorError, SelectionError, RunFolderBusy, RunFolderError,
     )
 
 
