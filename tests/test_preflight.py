@@ -87,6 +87,8 @@ scores:
 
 def test_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    # huggingface_hub reads the variable once, when it is first imported (an earlier test may have done so).
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     local = tmp_path / "model"
     local.mkdir()
     assert not preflight.problems(load_recipe(_recipe(tmp_path, _sam2(str(local)))))
