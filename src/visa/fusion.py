@@ -66,15 +66,16 @@ def _values_of_masks(masks: np.ndarray, corr: np.ndarray) -> np.ndarray:
     return out
 
 
-def shapley_exact(corr: np.ndarray) -> np.ndarray:
-    """Exact Shapley values of the Pearson game over the agents of correlation matrix ``corr``."""
-    n = corr.shape[0]
-    if n == 0:
-        return np.zeros(0)
+def coalition_masks(n: int) -> np.ndarray:
+    """Every coalition of ``n`` players as a 0/1 row, row ``i`` being the subset with bitmask ``i``."""
     ids = np.arange(1 << n)
-    masks = ((ids[:, None] >> np.arange(n)) & 1).astype(np.float64)
-    v = _values_of_masks(masks, corr)
-    sizes = masks.sum(axis=1).astype(int)
+    return ((ids[:, None] >> np.arange(n)) & 1).astype(np.float64)
+
+
+def shapley_from_table(v: np.ndarray, n: int) -> np.ndarray:
+    """Exact Shapley values of a game given by ``v`` indexed by subset bitmask (``v[0]``: the empty one)."""
+    ids = np.arange(1 << n)
+    sizes = np.array([bin(i).count("1") for i in ids])
     # weight of a coalition S (not containing j) of size s: s! (n - s - 1)! / n!
     coef = np.array([math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n) for s in range(n)])
     phi = np.empty(n)
@@ -82,6 +83,14 @@ def shapley_exact(corr: np.ndarray) -> np.ndarray:
         without = ids[(ids >> j) & 1 == 0]
         phi[j] = float(np.sum(coef[sizes[without]] * (v[without | (1 << j)] - v[without])))
     return phi
+
+
+def shapley_exact(corr: np.ndarray) -> np.ndarray:
+    """Exact Shapley values of the Pearson game over the agents of correlation matrix ``corr``."""
+    n = corr.shape[0]
+    if n == 0:
+        return np.zeros(0)
+    return shapley_from_table(_values_of_masks(coalition_masks(n), corr), n)
 
 
 def shapley_sampled(

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from visa.fusion import coalition_masks, shapley_from_table
+
 EXACT_MAX_AGENTS = 12
 DEFAULT_PERMUTATIONS = 2000
 DEFAULT_BOOTSTRAP = 200
@@ -145,23 +147,6 @@ def _values(sums: np.ndarray, counts: np.ndarray, ladder_weights: np.ndarray) ->
     return (sums @ ladder_weights) / pairs / 2.0
 
 
-def _all_masks(n: int) -> np.ndarray:
-    ids = np.arange(1 << n)
-    return ((ids[:, None] >> np.arange(n)) & 1).astype(np.float64)
-
-
-def _shapley_from_table(v: np.ndarray, n: int) -> np.ndarray:
-    """Exact Shapley values from ``v`` indexed by subset bitmask (``v[0]`` = empty coalition)."""
-    ids = np.arange(1 << n)
-    sizes = np.array([bin(i).count("1") for i in ids])
-    coef = np.array([math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n) for s in range(n)])
-    phi = np.empty(n)
-    for j in range(n):
-        without = ids[(ids >> j) & 1 == 0]
-        phi[j] = float(np.sum(coef[sizes[without]] * (v[without | (1 << j)] - v[without])))
-    return phi
-
-
 # ---------------------------------------------------------------------------------------------
 # The game
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +177,7 @@ class ProbeGame:
         self._sums: np.ndarray | None = None
         self._counts: np.ndarray | None = None
         if self.exact and self.n:
-            masks = _all_masks(self.n)
+            masks = coalition_masks(self.n)
             self._sums, self._counts = _ladder_sums(_pair_scores(_coalition_means(z, masks), pairs), pairs)
 
     def singles(self, ladder_weights: np.ndarray | None = None) -> np.ndarray:
@@ -210,7 +195,7 @@ class ProbeGame:
             return np.zeros(0)
         w = self._weights(ladder_weights)
         if self._sums is not None:
-            return _shapley_from_table(_values(self._sums, self._counts, w), self.n)
+            return shapley_from_table(_values(self._sums, self._counts, w), self.n)
         return self._sampled(w)
 
     def _weights(self, ladder_weights: np.ndarray | None) -> np.ndarray:
