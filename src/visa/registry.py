@@ -15,6 +15,8 @@ AGENTS: dict[str, str] = {
     "tagger": "visa.agents.tagger:TaggerAgent",
     "label_entropy": "visa.agents.label_entropy:LabelEntropyAgent",
     "jpeg_bits": "visa.agents.jpeg_bits:JpegBitsAgent",
+    "pixel_correlation": "visa.agents.pixel_correlation:PixelCorrelationAgent",
+    "block_grid": "visa.agents.block_grid:BlockGridAgent",
     "perplexity": "visa.agents.answer_likelihood:PriorTokenPerplexityAgent",
     "mutual_information": "visa.agents.answer_likelihood:MutualInformationAgent",
     "evidence_likelihood": "visa.agents.answer_likelihood:EvidenceLikelihoodAgent",
