@@ -17,6 +17,7 @@ AGENTS: dict[str, str] = {
     "jpeg_bits": "visa.agents.jpeg_bits:JpegBitsAgent",
     "pixel_correlation": "visa.agents.pixel_correlation:PixelCorrelationAgent",
     "block_grid": "visa.agents.block_grid:BlockGridAgent",
+    "detail_scale": "visa.agents.detail_scale:DetailScaleAgent",
     "perplexity": "visa.agents.answer_likelihood:PriorTokenPerplexityAgent",
     "mutual_information": "visa.agents.answer_likelihood:MutualInformationAgent",
     "evidence_likelihood": "visa.agents.answer_likelihood:EvidenceLikelihoodAgent",
