@@ -18,10 +18,12 @@ import pytest
 from visa import families as fam
 from visa.run_folder import (
     RECORD_VERSION,
+    SUBSET_NAMES,
     RunFolder,
     RunFolderError,
     RunRecord,
     atomic_write,
+    atomic_write_folder,
     atomic_write_table,
 )
 
@@ -148,6 +150,44 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet"]
 
 
+def test_a_folder_replaces_the_old_one_whole_and_follows_the_umask(tmp_path: Path):
+    target = tmp_path / "selected"
+    target.mkdir()
+    (target / "stale.tar").write_bytes(b"old")
+
+    def fill(folder: Path) -> None:
+        (folder / "part-000000.tar").write_bytes(b"new")
+        (folder / "sub").mkdir()
+        (folder / "sub" / "data.arrow").write_bytes(b"rows")
+
+    old = os.umask(0o077)
+    try:
+        atomic_write_folder(target, fill)
+    finally:
+        os.umask(old)
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*")) == [
+        "part-000000.tar", "sub", "sub/data.arrow"
+    ]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    assert stat.S_IMODE((target / "part-000000.tar").stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["selected"]
+
+
+def test_a_failed_folder_write_leaves_the_old_folder_and_no_temporary(tmp_path: Path):
+    target = tmp_path / "selected"
+    target.mkdir()
+    (target / "part-000000.tar").write_bytes(b"old")
+
+    def broken(folder: Path) -> None:
+        (folder / "part-000000.tar").write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_folder(target, broken)
+    assert (target / "part-000000.tar").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["selected"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Module boundaries
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +209,9 @@ def _string_constants(path: Path) -> set[str]:
 
 def test_only_the_run_folder_module_spells_run_file_names():
     """As a path: messages may name a file, but no other module builds a path from a file name."""
-    names = {"run.json", "scores.parquet", "selection.parquet", "dataset_info.json", "report.html", "work"}
+    # the subset files too; the bare folder name "selected" is also the selection's column name
+    names = {"run.json", "scores.parquet", "selection.parquet", "dataset_info.json", "report.html", "work",
+             *(name for name in SUBSET_NAMES if "." in name)}
     # a Hugging Face datasets folder has a dataset_info.json of its own: the reader detects it by name
     allowed = {("readers/hf_datasets.py", "dataset_info.json")}
     found = []

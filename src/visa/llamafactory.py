@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visa.readers.base import atomic_file
+from visa.run_folder import atomic_write
 
 DATASET_NAME = "visa_selected"
 LOADER_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
@@ -243,14 +243,18 @@ def unify_json_subset(subset: Path) -> list[str]:
     if not paths:
         return []
     array = subset.suffix.lower() == ".json"
-    with atomic_file(subset) as out:
-        out.write(b"[" if array else b"")
-        for k, text in enumerate(_unified_texts(source.iter_raw(), paths)):
-            if array:
-                out.write(b"\n" if k == 0 else b",\n")
-            out.write(text.encode("utf-8"))
-            out.write(b"" if array else b"\n")
-        out.write(b"\n]\n" if array else b"")
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as out:
+            out.write(b"[" if array else b"")
+            for k, text in enumerate(_unified_texts(source.iter_raw(), paths)):
+                if array:
+                    out.write(b"\n" if k == 0 else b",\n")
+                out.write(text.encode("utf-8"))
+                out.write(b"" if array else b"\n")
+            out.write(b"\n]\n" if array else b"")
+
+    atomic_write(subset, write)
     names = ", ".join(sorted(".".join(p) for p in paths))
     return [f"{names}: a single value in some selected records and a list in others; written as lists "
             f"in {subset.name} so that datasets and LLaMA-Factory can load it"]

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from visa.agents.base import Agent
 from visa.clusters import ClusterError, ClusterSpec, check_sources
 from visa.families import NAME as SCORE_NAME
+from visa.families import agent_column
 from visa.images import ImageLimits
 from visa.needs import NeedsError, order_by_needs
 from visa.registry import AGENTS, UnknownName, agent_class, did_you_mean, is_known
@@ -146,7 +147,7 @@ class BoundAgent:
 
     @property
     def column(self) -> str:
-        return f"{self.score}.{self.name}"
+        return agent_column(self.score, self.name)
 
     def column_of(self, field: str) -> str:
         return self.column if field == "score" else f"{self.column}.{field}"

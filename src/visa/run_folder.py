@@ -5,14 +5,16 @@ Layout of ``RUN_DIR`` (only this module spells these names)::
     run.json            the run record (:class:`RunRecord`): scoring writes it, selection extends it
     scores.parquet      one row per input record: ids, per-agent and fused score columns, errors
     selection.parquet   written by `visa select`: selected, rank, visual / instruction score, reason
-    selected.*          the selected records in the input's own format (the reader names the file)
+    selected.*          the selected records in the input's own format (selected.json, .jsonl, .parquet,
+                        or a selected/ folder), written by the input's reader
     dataset_info.json   a LLaMA-Factory entry for the selected records
     report.html         written by `visa report`
     work/               shard outputs and the content-keyed result store (:mod:`visa.store`)
 
 Every file of a run is written by :func:`atomic_write`: into a temporary file next to the target,
 flushed to disk, then renamed over it, so a reader (or a crash) sees the whole old file or the
-whole new one. New files get the permissions the user's umask gives any other file.
+whole new one (a folder output, :func:`atomic_write_folder`, the same way as a whole folder).
+New files get the permissions the user's umask gives any other file.
 """
 
 from __future__ import annotations
@@ -41,8 +43,13 @@ DATASET_INFO = "dataset_info.json"
 REPORT = "report.html"
 WORK = "work"
 LOCK = ".lock"
-#: the names a reader gives the selected records (a file, or a folder for ``datasets``)
-SUBSET_NAMES = ("selected.json", "selected.jsonl", "selected.parquet", "selected")
+#: the names a reader gives the selected records: a file in the input's format, or a folder
+#: (a ``datasets`` folder, or WebDataset shards)
+SUBSET_JSON = "selected.json"
+SUBSET_JSONL = "selected.jsonl"
+SUBSET_PARQUET = "selected.parquet"
+SUBSET_FOLDER = "selected"
+SUBSET_NAMES = (SUBSET_JSON, SUBSET_JSONL, SUBSET_PARQUET, SUBSET_FOLDER)
 
 #: The layout of run.json this release writes; a record without the key is a layout-1 record.
 RECORD_VERSION = 1
@@ -88,6 +95,38 @@ def atomic_write(path: Path, content: bytes | Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_folder(path: Path, fill: Callable[[Path], None]) -> None:
+    """Write the folder ``path`` atomically: ``fill`` writes the files of the (new, empty) folder it
+    is given, which then replaces ``path`` (a folder that was there is removed only after the
+    rename). Folders and files get the umask's permissions; on any error ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = _temporary(path), _temporary(path)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old.exists():
+                os.replace(old, path)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def json_bytes(obj: Any) -> bytes:

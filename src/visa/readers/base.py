@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, ClassVar
+from typing import ClassVar
 
 from visa.samples import RawRecord
 
@@ -141,21 +139,3 @@ def json_type_name(obj: object) -> str:
     if obj is None:
         return "null"
     return "number"
-
-
-def atomic_target(path: Path) -> Path:
-    """A temporary sibling of ``path`` to write into before ``os.replace``-ing it into place."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-@contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """Write ``path`` through a temporary sibling: complete on success, left untouched on error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_target(path)
-    try:
-        with tmp.open("wb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -8,15 +8,15 @@ the same format uses the ``datasets`` package (extra ``visa[datasets]``).
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
 
-from visa.readers.base import Input, InputError, ascending, atomic_target
+from visa.readers.base import Input, InputError, ascending
 from visa.readers.columnar import ROW_BATCH_BYTES, column_values, iter_rows
+from visa.run_folder import SUBSET_FOLDER, atomic_write_folder
 from visa.samples import RawRecord
 
 MARKER_FILES = ("state.json", "dataset_info.json")
@@ -121,15 +121,7 @@ class HFDatasetsInput(Input):
             )
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        target = out_dir / "selected"
-        tmp = atomic_target(target)
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            # one data file: LLaMA-Factory's loader reads a single .arrow file, not a save_to_disk folder
-            ds.select(chosen).save_to_disk(str(tmp), num_shards=1)
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        target = out_dir / SUBSET_FOLDER
+        # one data file: LLaMA-Factory's loader reads a single .arrow file, not a save_to_disk folder
+        atomic_write_folder(target, lambda tmp: ds.select(chosen).save_to_disk(str(tmp), num_shards=1))
         return target

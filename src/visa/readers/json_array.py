@@ -26,10 +26,10 @@ from visa.readers.base import (
     DEFAULT_MAX_RECORD_BYTES,
     Input,
     InputError,
-    atomic_file,
     json_type_name,
     pick,
 )
+from visa.run_folder import SUBSET_JSON, atomic_write
 from visa.samples import RawRecord
 
 CHUNK_CHARS = 1 << 20
@@ -225,15 +225,19 @@ class JsonArrayInput(Input):
             yield from self._iter(_Window(f, self.chunk_chars))
 
     def write_subset(self, indices: Iterable[int], out_dir: Path) -> Path:
-        target = Path(out_dir) / "selected.json"
-        with atomic_file(target) as out:
-            out.write(b"[")
-            separator = b"\n"
-            for raw in pick(self.iter_raw(), indices):
-                out.write(separator)
-                out.write((raw.text or "").encode("utf-8"))
-                separator = b",\n"
-            out.write(b"]\n" if separator == b"\n" else b"\n]\n")
+        target = Path(out_dir) / SUBSET_JSON
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as out:
+                out.write(b"[")
+                separator = b"\n"
+                for raw in pick(self.iter_raw(), indices):
+                    out.write(separator)
+                    out.write((raw.text or "").encode("utf-8"))
+                    separator = b",\n"
+                out.write(b"]\n" if separator == b"\n" else b"\n]\n")
+
+        atomic_write(target, write)
         return target
 
     # -- scanning ----------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from visa.readers import safe_json
-from visa.readers.base import DEFAULT_MAX_RECORD_BYTES, Input, atomic_file, json_type_name, pick
+from visa.readers.base import DEFAULT_MAX_RECORD_BYTES, Input, json_type_name, pick
+from visa.run_folder import SUBSET_JSONL, atomic_write
 from visa.samples import RawRecord
 
 _SKIP_CHUNK = 1 << 20
@@ -48,11 +49,15 @@ class JsonlInput(Input):
                 index += 1
 
     def write_subset(self, indices: Iterable[int], out_dir: Path) -> Path:
-        target = Path(out_dir) / "selected.jsonl"
-        with atomic_file(target) as out:
-            for raw in pick(self.iter_raw(), indices):
-                out.write((raw.text or "").encode("utf-8"))
-                out.write(b"\n")
+        target = Path(out_dir) / SUBSET_JSONL
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as out:
+                for raw in pick(self.iter_raw(), indices):
+                    out.write((raw.text or "").encode("utf-8"))
+                    out.write(b"\n")
+
+        atomic_write(target, write)
         return target
 
 

@@ -9,8 +9,9 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from visa.readers.base import Input, InputError, ascending, atomic_file
+from visa.readers.base import Input, InputError, ascending
 from visa.readers.columnar import MAX_BATCH_ROWS, ROW_BATCH_BYTES, SubsetWriter, column_values, iter_rows
+from visa.run_folder import SUBSET_PARQUET, atomic_write
 from visa.samples import RawRecord
 
 
@@ -65,10 +66,14 @@ class ParquetInput(Input):
                 yield from column_values(batch, "id")
 
     def write_subset(self, indices: Iterable[int], out_dir: Path) -> Path:
-        target = Path(out_dir) / "selected.parquet"
+        target = Path(out_dir) / SUBSET_PARQUET
         schema = self._open(self._files[0]).schema_arrow
-        with atomic_file(target) as out:
-            self._write_rows(ascending(indices), out, schema)
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as out:
+                self._write_rows(ascending(indices), out, schema)
+
+        atomic_write(target, write)
         return target
 
     def _write_rows(self, wanted: Iterator[int], sink: BinaryIO, schema: pa.Schema) -> None:

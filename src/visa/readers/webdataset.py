@@ -31,7 +31,6 @@ import glob
 import io
 import json
 import os
-import shutil
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -43,10 +42,10 @@ from visa.readers.base import (
     Input,
     InputError,
     ascending,
-    atomic_target,
     fingerprint_files,
     json_type_name,
 )
+from visa.run_folder import SUBSET_FOLDER, atomic_write_folder
 from visa.samples import RawRecord
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp"})
@@ -55,7 +54,6 @@ DEFAULT_MAX_MEMBER_BYTES = 200 << 20
 """An image member larger than this is not read: the sample becomes an error record."""
 MAX_SAMPLE_MEMBERS = 1024
 """A sample with more members than this becomes an error record (its member list is not kept)."""
-SUBSET_FOLDER = "selected"
 SUBSET_SHARD_SAMPLES = 10_000
 SUBSET_SHARD_BYTES = 1 << 30
 GLOB_CHARS = frozenset("*?[")
@@ -158,16 +156,7 @@ class WebDatasetInput(Input):
 
     def write_subset(self, indices: Iterable[int], out_dir: Path) -> Path:
         target = Path(out_dir) / SUBSET_FOLDER
-        tmp = atomic_target(target)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            self._copy_groups(ascending(indices), tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_folder(target, lambda tmp: self._copy_groups(ascending(indices), tmp))
         return target
 
     # -- reading -----------------------------------------------------------------------------------
