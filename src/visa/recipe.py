@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -69,10 +69,12 @@ class ScoreSpec(_Strict):
 class ExecutionSpec(_Strict):
     shard_size: int = Field(256, ge=1, description="records per shard (the unit of resume)")
     hf_offline: bool = Field(True, description="set HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE for the run")
-    threads: int = Field(
-        1, ge=1, le=256,
-        description="CPU threads of every model in each worker (torch, ONNX Runtime); fixed, so that two "
-        "runs give identical tables (see visa.threads); use --workers for more cores",
+    threads: int | Literal["auto"] = Field(
+        "auto",
+        description="CPU threads of every model in each worker (torch, ONNX Runtime). 'auto': the CPUs "
+        "this process may use (its affinity mask, not the load) divided among the workers, resolved "
+        "once when the run starts and recorded in run.json as a number; a fixed count either way, so "
+        "that two runs on the same machine give identical tables (see visa.threads)",
     )
     memory_budget_bytes: int = Field(
         1 << 30,
@@ -86,6 +88,14 @@ class ExecutionSpec(_Strict):
         description="a conversation with more characters is an error row (text_too_long) before any "
         "agent or tokenizer sees it",
     )
+
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 256):
+            return value
+        raise ValueError(f"threads must be a whole number from 1 to 256, or 'auto'; not {value!r}")
 
 
 class Recipe(_Strict):

@@ -30,6 +30,7 @@ from visa.recipe import Recipe, RecipeError
 from visa.run_folder import RunFolder, RunRecord
 from visa.samples import RawRecord
 from visa.store import WorkDir
+from visa.threads import AUTO, resolve_threads
 
 RECORDED_PACKAGES = (
     "torch", "transformers", "pyarrow", "pillow", "scikit-image", "numpy", "sentence-transformers",
@@ -190,6 +191,18 @@ def score(
         )
 
 
+def with_fixed_threads(recipe: Recipe, executor: Any) -> Recipe:
+    """``recipe`` with ``execution.threads: auto`` replaced by the count this run uses: what the
+    executor's ``auto_threads()`` says (the local one: this process's CPUs divided among its
+    workers), else all the CPUs this process may use (:func:`visa.threads.resolve_threads`)."""
+    if recipe.execution.threads != AUTO:
+        return recipe
+    auto = getattr(executor, "auto_threads", None)
+    threads = auto() if callable(auto) else resolve_threads(AUTO)
+    execution = recipe.execution.model_copy(update={"threads": threads})
+    return recipe.model_copy(update={"execution": execution})
+
+
 def check_input_not_in_outputs(data: Path, run_dir: Path) -> None:
     """Raise InputError when ``data`` is (or is inside) a file or folder that a run writes into
     ``run_dir``, or when ``run_dir`` lies inside an input folder."""
@@ -245,6 +258,7 @@ def _score(
         from visa.executors.local import LocalExecutor
 
         executor = LocalExecutor(workers)
+    recipe = with_fixed_threads(recipe, executor)  # before anything runs: run.json records the number
     tally = _Tally()
 
     def on_shard(stats: ShardStats) -> None:

@@ -1,5 +1,6 @@
 """The local executor: shards run in this process, or in ``workers`` processes (spawned, each with its
-agents set up once), every worker on the recipe's ``execution.threads`` CPU threads. Never imports Ray."""
+agents set up once), every worker on the recipe's ``execution.threads`` CPU threads (``auto``: this
+process's CPUs divided among the workers, see :mod:`visa.threads`). Never imports Ray."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from visa.executors.base import RunPlan, ShardHook
 from visa.pipeline import ProgressHook, ShardProcessor, ShardStats
 from visa.recipe import Recipe
 from visa.samples import RawRecord
-from visa.threads import set_threads, worker_threads
+from visa.threads import AUTO, resolve_threads, set_threads, worker_threads
 
 _worker: ShardProcessor | None = None
 
@@ -19,7 +20,7 @@ _worker: ShardProcessor | None = None
 def _init_worker(recipe_json: str, image_root: str, run_dir: str, duplicates: frozenset[str]) -> None:
     global _worker
     recipe = Recipe.model_validate_json(recipe_json)
-    set_threads(recipe.execution.threads)
+    set_threads(resolve_threads(recipe.execution.threads))  # resolved by the driver: a number here
     _worker = ShardProcessor(recipe, Path(image_root), Path(run_dir), duplicates)
     _worker.setup()
 
@@ -38,6 +39,13 @@ class LocalExecutor:
             raise ValueError("--workers must be at least 1")
         self.workers = workers
 
+    def auto_threads(self) -> int:
+        """What ``execution.threads: auto`` means here: this process's CPUs divided among the workers."""
+        return resolve_threads(AUTO, self.workers)
+
+    def _threads(self, recipe: Recipe) -> int:
+        return resolve_threads(recipe.execution.threads, self.workers)
+
     def run(self, plan: RunPlan, on_shard: ShardHook, on_items: ProgressHook | None = None) -> None:
         if self.workers == 1:
             self._run_here(plan, on_shard, on_items)
@@ -46,7 +54,7 @@ class LocalExecutor:
 
     def _run_here(self, plan: RunPlan, on_shard: ShardHook, on_items: ProgressHook | None) -> None:
         processor = ShardProcessor(plan.recipe, plan.image_root, plan.run_dir, plan.duplicates)
-        with worker_threads(plan.recipe.execution.threads):
+        with worker_threads(self._threads(plan.recipe)):
             processor.setup()
             try:
                 for shard, chunk in plan.pending(on_shard):
@@ -56,7 +64,9 @@ class LocalExecutor:
 
     def _run_pool(self, plan: RunPlan, on_shard: ShardHook) -> None:
         context = mp.get_context("spawn")
-        args = (plan.recipe.model_dump_json(), str(plan.image_root), str(plan.run_dir), plan.duplicates)
+        execution = plan.recipe.execution.model_copy(update={"threads": self._threads(plan.recipe)})
+        recipe = plan.recipe.model_copy(update={"execution": execution})
+        args = (recipe.model_dump_json(), str(plan.image_root), str(plan.run_dir), plan.duplicates)
         with ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker, initargs=args) as pool:
             in_flight: set[Future[ShardStats]] = set()
             for shard, chunk in plan.pending(on_shard):

@@ -55,7 +55,7 @@ from visa.recipe import ExecutionSpec, Recipe, RecipeError
 from visa.run_folder import atomic_write
 from visa.samples import RawRecord, stable_hash
 from visa.store import WorkDir
-from visa.threads import set_threads
+from visa.threads import AUTO, set_threads
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 #: The last line of a Python traceback: ``package.module.ErrorName: message``.
@@ -199,7 +199,8 @@ class _AgentStage:
         keep_samples: bool, max_attempts: int,
     ):
         recipe = Recipe.model_validate_json(recipe_json)
-        set_threads(recipe.execution.threads)
+        threads = recipe.execution.threads
+        set_threads(1 if threads == AUTO else threads)  # auto: one thread per actor (RayExecutor.auto_threads)
         planned, decode = plan_agents(recipe)
         members = [p for p in planned if p.column in columns]
         self.label, self.stage = "+".join(columns), stage
@@ -404,6 +405,11 @@ class RayExecutor:
                 raise RecipeError(f"no node of the Ray cluster can hold one actor of {p.describe()}")
 
     # -- running --------------------------------------------------------------------------------------
+    def auto_threads(self) -> int:
+        """What ``execution.threads: auto`` means on Ray: one thread per actor (the actors are the
+        parallelism, each reserving a share of a CPU), the same on every node."""
+        return 1
+
     def run(self, plan: RunPlan, on_shard: ShardHook, on_items: ProgressHook | None = None) -> None:
         ray = _import_ray()
         recipe, run_dir = plan.recipe, plan.run_dir
