@@ -172,3 +172,32 @@ def test_scoring_writes_cluster_columns_and_run_summary(tmp_path):
     assert {groups["0"]["selected"], groups["1"]["selected"]} == {4}
     html = build_report(tmp_path / "run").read_text()
     assert "Content clusters" in html and html.count('alt="example of cluster') == 2
+
+
+def test_typicality_finds_the_rows_whose_image_does_not_fit_their_questions():
+    rng = np.random.default_rng(7)
+    text, kind = _groups(400, 4, 16, seed=5, spread=0.2)  # the questions define four kinds of task
+    image_centres = rng.normal(size=(4, 24))
+    image = image_centres[kind] + 0.3 * rng.normal(size=(400, 24))
+    misplaced = rng.choice(400, 20, replace=False)
+    image[misplaced] = image_centres[(kind[misplaced] + 1) % 4] + 0.3 * rng.normal(size=(20, 24))
+    table = pa.table({"row": np.arange(400), "img": _list_column(image), "txt": _list_column(text)})
+    out, _ = add_clusters(table, ClusterSpec(embeddings=["img", "txt"], weights=[1.0, 3.0], k=4))
+    assert _same_partition(_ids(out), kind)  # the questions win: misplaced rows stay with their kind
+    typicality = np.asarray(out.column("cluster_typicality"))
+    others = np.setdiff1d(np.arange(400), misplaced)
+    assert typicality[misplaced].max() < typicality[others].min()
+    assert np.all(typicality <= 1.0 + 1e-6) and np.all(typicality >= -1.0 - 1e-6)
+
+
+def test_typicality_of_another_column_and_its_nulls():
+    image, kind = _groups(120, 3, 8, seed=9)
+    other = np.vstack([np.ones((60, 5)), -np.ones((60, 5))])
+    missing = np.zeros(120, dtype=bool)
+    missing[[3, 50]] = True
+    table = pa.table({"img": _list_column(image), "tags": _list_column(other, missing)})
+    out, _ = add_clusters(table, ClusterSpec(embeddings=["img"], typicality="tags", k=3))
+    typicality = out.column("cluster_typicality")
+    assert typicality.null_count == 2 and not typicality[3].is_valid and not typicality[50].is_valid
+    with pytest.raises(ClusterError, match="no typicality column 'tagz'"):
+        add_clusters(table, ClusterSpec(embeddings=["img"], typicality="tagz", k=3))

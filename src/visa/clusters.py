@@ -11,7 +11,14 @@ from embeddings the recipe already produces, and written to the score table as t
     rows with an error or without the embeddings (e.g. text-only samples);
 ``cluster_distance``
     the Euclidean distance of the row to its cluster's centre in the reduced space (float64): small
-    values are the cluster's most typical samples (the report shows the nearest as its example).
+    values are the cluster's most typical samples (the report shows the nearest as its example);
+``cluster_typicality``
+    the cosine similarity of the row's ``typicality`` embedding (default: the first of
+    ``embeddings``, the verbalised image evidence in the embedded recipe) to the mean of that
+    embedding over its cluster (float64). When a cluster is held together by its questions (a
+    kind of task), a row whose image is unlike the images of its kind is a likely mismatch: a
+    conversation on the wrong image, or a damaged copy of one (the selection can drop each
+    cluster's least typical rows, see :mod:`visa.selection.crops`).
 
 How (all steps seeded, so the same table and recipe give the same clusters):
 
@@ -28,7 +35,10 @@ How (all steps seeded, so the same table and recipe give the same clusters):
    ``silhouette_rows`` of them); the centres of that k are then fitted on the whole fit sample.
 5. **Centres.** Mini-batch k-means (scikit-learn ``MiniBatchKMeans``) on the reduced fit sample.
 6. **Assignment.** Every row, in chunks of ``chunk_rows``: reduce, then nearest centre. Memory is
-   bounded by the chunk, the fit sample and the two output columns, whatever the pool size.
+   bounded by the chunk, the fit sample and the three output columns, whatever the pool size.
+7. **Typicality.** Each cluster's mean ``typicality`` vector (L2-normalised rows) over the fit
+   sample's rows of that cluster; every row's cosine to its cluster's mean is computed with the
+   assignment, chunk by chunk.
 
 The BLAS/OpenMP pools run ``threads`` threads (default 1): k-means on these small matrices spends
 more CPU waking threads than computing when the cores are busy (measured on a loaded 2-core
@@ -57,6 +67,7 @@ if TYPE_CHECKING:
 
 CLUSTER_COLUMN = "cluster"
 DISTANCE_COLUMN = "cluster_distance"
+TYPICALITY_COLUMN = "cluster_typicality"
 DEFAULT_EMBEDDINGS = ("im.similarity.image_embedding", "im.similarity.text_embedding")
 
 
@@ -74,6 +85,10 @@ class ClusterSpec(BaseModel):
         description="list<float> columns of the score table whose concatenation is clustered",
     )
     weights: list[float] | None = Field(None, description="share of each embedding (default: equal)")
+    typicality: str | None = Field(
+        None, description="list<float> column whose cosine to its cluster's mean is written to cluster_typicality "
+        "(default: the first of embeddings)",
+    )
     k: int | Literal["auto"] = Field("auto", description="number of clusters, or 'auto' (silhouette)")
     k_min: int = Field(4, ge=1, description="smallest k tried by 'auto'")
     k_max: int = Field(64, ge=1, description="largest k tried by 'auto'")
@@ -106,6 +121,10 @@ class ClusterSpec(BaseModel):
             raise ValueError("clusters.k_min must not exceed k_max")
         return self
 
+    @property
+    def typicality_column(self) -> str:
+        return self.typicality or self.embeddings[0]
+
     def block_scales(self) -> list[float]:
         weights = self.weights or [1.0] * len(self.embeddings)
         total = float(sum(weights))
@@ -133,16 +152,35 @@ def _vectors(column: pa.ChunkedArray | pa.Array, dim: int) -> tuple[np.ndarray, 
 
 def embedding_dims(table: pa.Table, spec: ClusterSpec) -> list[int]:
     """The length of each embedding column's vectors: its most common non-zero list length."""
-    dims = []
-    for name in spec.embeddings:
-        if name not in table.column_names:
-            raise ClusterError(f"clusters: the score table has no embedding column '{name}'")
-        column = table.column(name)
-        if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
-            raise ClusterError(f"clusters: column '{name}' ({column.type}) is not a list of numbers")
-        lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False)
-        dims.append(int(np.bincount(lengths[lengths > 0]).argmax()) if lengths.any() else 0)
-    return dims
+    return [column_dim(table, name) for name in spec.embeddings]
+
+
+def column_dim(table: pa.Table, name: str, what: str = "embedding") -> int:
+    """The length of a list<float> column's vectors: its most common non-zero list length."""
+    if name not in table.column_names:
+        raise ClusterError(f"clusters: the score table has no {what} column '{name}'")
+    column = table.column(name)
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        raise ClusterError(f"clusters: column '{name}' ({column.type}) is not a list of numbers")
+    lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False)
+    return int(np.bincount(lengths[lengths > 0]).argmax()) if lengths.any() else 0
+
+
+def unit_vectors(column: pa.ChunkedArray | pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised rows of a list<float> column and which rows have a non-zero vector of length ``dim``."""
+    matrix, ok = _vectors(column, dim)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    ok &= norms[:, 0] > 0
+    matrix /= np.maximum(norms, 1e-12)
+    return matrix, ok
+
+
+def cluster_means(vectors: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Per cluster, the L2-normalised mean of its rows' unit vectors (a zero row for an empty cluster)."""
+    sums = np.zeros((k, vectors.shape[1]), dtype=np.float64)
+    np.add.at(sums, ids, vectors)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def embedding_matrix(table: pa.Table, spec: ClusterSpec, dims: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -150,10 +188,7 @@ def embedding_matrix(table: pa.Table, spec: ClusterSpec, dims: Sequence[int]) ->
     over ``table``'s rows, and which rows have all of them (the others are zero rows)."""
     blocks, present = [], np.ones(table.num_rows, dtype=bool)
     for name, scale, dim in zip(spec.embeddings, spec.block_scales(), dims, strict=True):
-        matrix, ok = _vectors(table.column(name), dim)
-        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-        ok &= norms[:, 0] > 0
-        matrix /= np.maximum(norms, 1e-12)
+        matrix, ok = unit_vectors(table.column(name), dim)
         blocks.append(matrix * np.float32(scale))
         present &= ok
     out = np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
@@ -309,29 +344,45 @@ def _add_clusters(table: pa.Table, spec: ClusterSpec) -> tuple[pa.Table, dict[st
     started = time.perf_counter()
     n = table.num_rows
     dims = embedding_dims(table, spec)
+    typical_name = spec.typicality_column
+    typical_dim = column_dim(table, typical_name, "typicality")
     present = _usable(table) & (min(dims) > 0)
     for name, dim in zip(spec.embeddings, dims, strict=True):
         present &= pc.list_value_length(table.column(name)).fill_null(0).to_numpy(zero_copy_only=False) == dim
-    embeddings = table.select(list(dict.fromkeys(spec.embeddings)))
+    embeddings = table.select(list(dict.fromkeys([*spec.embeddings, typical_name])))
     fit_rows = fit_sample_rows(present, spec)
     ids = np.zeros(n, dtype=np.int32)
     distance = np.zeros(n, dtype=np.float64)
+    typicality = np.full(n, np.nan)
     clusterer = None
+    means = None
     if fit_rows.size:
-        sample, ok = embedding_matrix(embeddings.take(pa.array(fit_rows, pa.int64())), spec, dims)
+        fit_table = embeddings.take(pa.array(fit_rows, pa.int64()))
+        sample, ok = embedding_matrix(fit_table, spec, dims)
         clusterer = fit_clusterer(sample[ok], spec) if ok.any() else None
+        if clusterer is not None and typical_dim:
+            vectors, has = unit_vectors(fit_table.column(typical_name), typical_dim)
+            use = ok & has
+            means = cluster_means(vectors[use], clusterer.assign(sample[use])[0], clusterer.k)
     if clusterer is None:
         present[:] = False
     for start in range(0, n if clusterer is not None else 0, spec.chunk_rows):
-        block, ok = embedding_matrix(embeddings.slice(start, spec.chunk_rows), spec, dims)
+        chunk = embeddings.slice(start, spec.chunk_rows)
+        block, ok = embedding_matrix(chunk, spec, dims)
         end = start + len(block)
         ids[start:end], distance[start:end] = clusterer.assign(block)
         present[start:end] &= ok
+        if means is not None:
+            vectors, has = unit_vectors(chunk.column(typical_name), typical_dim)
+            cosine = np.einsum("ij,ij->i", vectors, means[ids[start:end]]).astype(np.float64)
+            typicality[start:end] = np.where(has, cosine, np.nan)
     rows = np.asarray(table.column("row"), dtype=np.int64) if "row" in table.column_names else np.arange(n)
     summary = cluster_summary(ids, distance, present, spec, clusterer, rows)
     summary["seconds"] = round(time.perf_counter() - started, 3)
     table = _set_column(table, CLUSTER_COLUMN, pa.array(ids, pa.int32(), mask=~present))
     table = _set_column(table, DISTANCE_COLUMN, pa.array(distance, pa.float64(), mask=~present))
+    typical_mask = ~present | np.isnan(typicality)
+    table = _set_column(table, TYPICALITY_COLUMN, pa.array(np.nan_to_num(typicality), pa.float64(), mask=typical_mask))
     return table, summary
 
 
@@ -373,11 +424,11 @@ def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
 
 def check_sources(spec: ClusterSpec, produced: Sequence[str]) -> None:
     """Raise ClusterError when an embedding column is not produced by any agent of the recipe."""
-    missing = [c for c in spec.embeddings if c not in produced]
+    missing = [c for c in dict.fromkeys([*spec.embeddings, spec.typicality_column]) if c not in produced]
     if missing:
         from visa.registry import did_you_mean
 
         raise ClusterError(
-            f"clusters.embeddings: no agent of the recipe writes '{missing[0]}'"
+            f"clusters: no agent of the recipe writes '{missing[0]}'"
             f"{did_you_mean(missing[0], list(produced))}"
         )
