@@ -425,11 +425,12 @@ def union(out_dir: Path, pools: list[Path]) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Evaluation: coverage and noise, with and without content clusters
 # ---------------------------------------------------------------------------------------------
-def evaluate_run(pool_dir: Path, budgets: list[str], modes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Select from ``pool_dir/run`` with every mode at every budget; coverage and noise per selection."""
+def evaluate_run(pool_dir: Path, budgets: list[str], modes: dict[str, dict[str, Any]],
+                 run_name: str = "run") -> list[dict[str, Any]]:
+    """Select from ``pool_dir/<run_name>`` with every mode at every budget; coverage and noise per selection."""
     from visa.selection import resolve_options, select
 
-    run_dir = pool_dir / "run"
+    run_dir = pool_dir / run_name
     pool = json.loads((pool_dir / "pool" / "pool.json").read_text(encoding="utf-8"))
     family = np.array([r["meta"]["family"] for r in pool])
     noisy = np.array([r["meta"]["noise"] != "clean" for r in pool])
@@ -488,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("pools", type=Path, nargs="+", help="folders written by build and scored into <folder>/run")
     e.add_argument("--budgets", default="2.5%,10%,25%")
     e.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    e.add_argument("--run", default="run", help="run folder inside each pool folder (default: run)")
+    e.add_argument("--set", action="append", default=[], metavar="OPTION=JSON",
+                   help="a selection option for every mode, e.g. --set cluster_im_floor=0 (repeatable)")
     args = parser.parse_args(argv)
     if args.command == "union":
         path = union(args.out, args.pools)
@@ -498,14 +502,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path}: {len(json.loads(path.read_text(encoding='utf-8')))} samples")
         return 0
     rows = []
+    extra = {key: json.loads(value) for key, _, value in (item.partition("=") for item in args.set)}
     for pool in args.pools:
         import pyarrow.parquet as pq
 
-        names = pq.read_schema(pool / "run" / "scores.parquet").names
+        names = pq.read_schema(pool / args.run / "scores.parquet").names
         family = next(c for c in ("meta.family", "meta.meta.family") if c in names)  # the record's meta.family
-        modes = {"no clusters": {"clusters": "off"}, "clusters": {"clusters": "auto"},
-                 "family labels": {"clusters": family}}
-        rows += evaluate_run(pool, args.budgets.split(","), modes)
+        modes = {"no clusters": {"clusters": "off", **extra}, "clusters": {"clusters": "auto", **extra},
+                 "family labels": {"clusters": family, **extra}}
+        rows += evaluate_run(pool, args.budgets.split(","), modes, args.run)
     print(markdown(rows))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
