@@ -79,7 +79,7 @@ def test_help_shows_defaults_and_plain_text(command: str) -> None:
 
 
 def test_select_defaults_shown_are_the_options_defaults() -> None:
-    unset = {"budget": "all", "visual_weights": "sc=1,oa=1,dp=1", "quota_field": "none", "max_per_image": "off"}
+    unset = {"budget": "all", "visual_weights": "from the probes", "quota_field": "none", "max_per_image": "off"}
     for name, shown in SELECT_DEFAULTS.items():
         default = SelectionOptions.model_fields[name].default
         if default is None:
@@ -249,7 +249,7 @@ def test_no_records_removes_what_described_the_previous_selection(tmp_path: Path
     assert (run / "selected.json").is_file() and (run / "dataset_info.json").is_file()
     code, _, err = invoke("select", str(run), "--budget", "2", "--no-records")
     assert code == 0, err
-    assert sorted(p.name for p in run.iterdir()) == ["run.json", "scores.parquet", "selection.parquet", "work"]
+    assert sorted(p.name for p in run.iterdir()) == ["probes", "run.json", "scores.parquet", "selection.parquet", "work"]
     notes = json.loads((run / "run.json").read_text())["selection"]["notes"]
     assert any("report.html" in note and "selected.json" in note for note in notes)
 

@@ -21,6 +21,7 @@ def chain_recipe(tmp_path: Path, *, offset: float = 0.0, follower_reads: str = "
         f"""
 name: chain
 execution: {{shard_size: 4}}
+probes: {{enabled: false}}  # the call counts below are the pool's (probes add images of their own)
 scores:
   follow:
     agents:

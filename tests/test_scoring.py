@@ -119,7 +119,10 @@ def test_shared_image_scored_once_and_joined_to_every_sample(tmp_path, monkeypat
     log = tmp_path / "calls.log"
     monkeypatch.setenv("VISA_TEST_CALL_LOG", str(log))
     score(light_recipe(tmp_path), data, tmp_path / "run")
-    assert sum(int(x) for x in log.read_text().split()) == 5  # 5 unique images, 15 image samples
+    probes = pq.read_table(tmp_path / "run" / "probes" / "probes.parquet", columns=["image_key"])
+    probe_images = len(set(probes.column("image_key").to_pylist()))  # the probes' own distinct images
+    # 5 unique images (15 image samples), each scored once, plus each distinct probe image once
+    assert sum(int(x) for x in log.read_text().split()) == 5 + probe_images
     rows = table_of(tmp_path / "run")
     by_image: dict[str, set] = {}
     for r in rows[:-1]:

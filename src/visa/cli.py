@@ -200,10 +200,11 @@ def score_cmd(
 
 SELECT_HELP = {
     "budget": "samples to keep: a count, a percentage of the pool ('2.5%'), or 'all'",
-    "image_keep": "fraction of unique images kept by the visual stage",
+    "value": "Shapley value function: probes (agreement with the run's probes) or consensus (the paper's)",
+    "image_keep": "visual stage: 'probes' (cut where the image probes say images look degraded) or a fraction",
     "visual_weights": "weights of the visual scores, e.g. 'dp=2' (families not named keep weight 1)",
     "text_only": "text-only samples: keep (compete on IM/PT) or drop",
-    "im_min": "drop samples with IM <= this ('off' disables)",
+    "im_min": "'probes' (cut calibrated on the IM probes), a raw IM value, or 'off'",
     "pt_tail": "drop this top fraction of PT, the garbled tail",
     "pt_blend": "weight of PT in the instruction ranking (0: IM only)",
     "quota_field": "column whose values share the budget, e.g. meta.source",
@@ -220,7 +221,8 @@ SELECT_HELP = {
 #: What `visa select` uses when neither the option nor the recipe's ``selection:`` section sets a value
 #: (the defaults of :class:`visa.selection.SelectionOptions`; a test keeps the two in step).
 SELECT_DEFAULTS = {
-    "budget": "all", "image_keep": "0.5", "visual_weights": "sc=1,oa=1,dp=1", "text_only": "keep", "im_min": "0",
+    "budget": "all", "value": "probes", "image_keep": "probes", "visual_weights": "from the probes",
+    "text_only": "keep", "im_min": "probes",
     "pt_tail": "0.02", "pt_blend": "0", "quota_field": "none", "quota_mode": "proportional", "quota_min": "1",
     "quota_max_share": "0.5", "dedupe": "dedupe", "max_per_image": "off", "calibration_size": "1000", "seed": "0",
     "clusters": "auto", "cluster_balance": "0",
@@ -253,7 +255,8 @@ def run_select(
 def select_cmd(
     run_dir: Annotated[Path, typer.Argument(help="a run folder written by `visa score`")],
     budget: Annotated[str | None, _opt("budget")] = None,
-    image_keep: Annotated[float | None, _opt("image_keep")] = None,
+    value: Annotated[str | None, _opt("value")] = None,
+    image_keep: Annotated[str | None, _opt("image_keep")] = None,
     visual_weights: Annotated[str | None, _opt("visual_weights")] = None,
     text_only: Annotated[str | None, _opt("text_only")] = None,
     im_min: Annotated[str | None, _opt("im_min")] = None,

@@ -36,16 +36,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from visa.families import UNITS, default_unit, families_from_columns
+from visa.families import UNITS, default_unit, families_from_columns, spec
+
+if TYPE_CHECKING:
+    from visa.probes.value import FamilyProbes
 
 EXACT_MAX_AGENTS = 12
 DEFAULT_PERMUTATIONS = 2000
+#: Value functions of the Shapley game: the paper's Pearson consistency, or correctness on probes.
+VALUES = ("probes", "consensus")
 
 
 class FusionError(ValueError):
@@ -208,13 +213,16 @@ def fuse_family(
     seed: int = 0,
     exact_max_agents: int = EXACT_MAX_AGENTS,
     permutations: int = DEFAULT_PERMUTATIONS,
+    probes: FamilyProbes | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Fuse one family.
 
     ``columns``: one float64 array per agent (NaN = null), all of the same length.
     ``calibration_pool``: positions of the rows that may be drawn for calibration (error-free;
-    unique images for image-level families). Returns the fused score per row (NaN = null) and the
-    JSON-able report of the family.
+    unique images for image-level families). ``probes``: the family's probe rows; when given, the
+    weights come from the probe value (:mod:`visa.probes.value`) instead of the consensus value,
+    with the agents standardised by the same calibration transform. Returns the fused score per
+    row (NaN = null) and the JSON-able report of the family.
     """
     n_agents = len(agents)
     n_rows = len(columns[0]) if columns else 0
@@ -250,6 +258,7 @@ def fuse_family(
         std = sample.std(axis=0, ddof=1)
         weights = _shapley_weights(sample, agents, usable, report, exact_max_agents, permutations, seed)
 
+    weights = _value_weights(probes, usable, agents, mean, std, weights, report, seed, len(sample))
     for k, j in enumerate(usable):
         report["weights"][agents[j]] = float(weights[k])
         report["standardisation"][agents[j]] = {"mean": float(mean[k]), "std": float(std[k])}
@@ -346,6 +355,109 @@ def _shapley_weights(
     return weights / total
 
 
+def _probe_reweight(
+    probes: FamilyProbes,
+    usable: list[int],
+    agents: list[str],
+    mean: np.ndarray,
+    std: np.ndarray,
+    weights: np.ndarray,
+    report: dict[str, Any],
+    seed: int,
+) -> np.ndarray:
+    """Weights of the usable agents under the probe value; records the probe report in ``report``."""
+    from visa.probes.value import probe_weights
+
+    z = np.column_stack(
+        [probes.direction * (np.asarray(probes.columns[j], dtype=np.float64) - mean[k]) / std[k]
+         for k, j in enumerate(usable)]
+    )
+    names = [agents[j] for j in usable]
+    if probes.pairs.size == 0:
+        report["warnings"] = [*report.get("warnings", []), "no probe pairs: consensus weights kept"]
+        return weights
+    found = probe_weights(z, probes.pairs, names, bootstrap=probes.bootstrap, seed=seed)
+    report["value"] = "probes"
+    report["probes"] = found
+    report["warnings"] = list(found["warnings"])  # the consensus caveat no longer applies
+    if len(usable) == 1:
+        auroc = found["probe_auroc"][names[0]]
+        silent = names[0] in found["no_information"]
+        report["warnings"] = [f"{names[0]} orders its probes no better than chance (probe AUROC {auroc})"] if silent else []
+        return weights
+    return np.array([found["weights"][name] for name in names], dtype=np.float64)
+
+
+def probe_target(family: str, unit: str) -> str:
+    """Which probe ladders value a family: image ladders for image-level families, the garbled-answer
+    ladders for ``pt``, and samples moved to other images for every other sample-level family."""
+    from visa.families import PT
+    from visa.probes.run import PLACEMENT, TEXT, VISUAL
+
+    if unit == "image":
+        return VISUAL
+    return TEXT if family == PT else PLACEMENT
+
+
+def family_probes(
+    probes: pa.Table | None, family: str, unit: str, agents: list[str]
+) -> tuple[FamilyProbes | None, str | None]:
+    """The family's probe rows from a run's probe table, or (None, the reason there are none)."""
+    from visa.probes.value import FamilyProbes, ladder_pairs
+
+    if probes is None:
+        return None, "this run has no probes: consensus weights"
+    target = probe_target(family, unit)
+    rows = probes.filter(pc.equal(probes.column("target"), target))
+    if rows.num_rows == 0:
+        return None, f"no '{target}' probes in this run: consensus weights"
+    columns = [
+        _as_float(rows.column(a)) if a in rows.column_names else np.full(rows.num_rows, np.nan) for a in agents
+    ]
+    pairs = ladder_pairs(
+        rows.column("ladder").to_numpy(), rows.column("tier").to_numpy(), rows.column("chain").to_pylist()
+    )
+    direction = -1.0 if spec(family).direction < 0 else 1.0
+    return FamilyProbes(columns, pairs, direction), None
+
+
+def apply_fusion(table: pa.Table, report: Mapping[str, Any]) -> np.ndarray:
+    """A family's fused score on any table with its agent columns (e.g. the probe rows), using the
+    standardisation and weights of ``report`` (what :func:`fuse_family` returned for the pool)."""
+    names = [n for n, w in report.get("weights", {}).items() if w and n in report.get("standardisation", {})]
+    if not names:
+        return np.full(table.num_rows, np.nan)
+    columns = []
+    for name in names:
+        values = _as_float(table.column(name)) if name in table.column_names else np.full(table.num_rows, np.nan)
+        scale = report["standardisation"][name]
+        columns.append((values - scale["mean"]) / scale["std"])
+    return renormalised_sum(columns, [report["weights"][n] for n in names])
+
+
+def _value_weights(
+    probes: FamilyProbes | None,
+    usable: list[int],
+    agents: list[str],
+    mean: np.ndarray,
+    std: np.ndarray,
+    weights: np.ndarray,
+    report: dict[str, Any],
+    seed: int,
+    calibrated: int,
+) -> np.ndarray:
+    """The family's final weights: consensus ones (flagged when they carry no information), or the
+    probe value's when the family has probes."""
+    report["value"] = "consensus"
+    if len(usable) == 2 and calibrated >= 2:
+        report["warnings"] = [
+            "two agents: the consensus value gives 0.5 / 0.5 whatever their quality (no information)"
+        ]
+    if probes is None:
+        return weights
+    return _probe_reweight(probes, usable, agents, mean, std, weights, report, seed)
+
+
 def _nanstd(values: np.ndarray) -> float:
     present = values[~np.isnan(values)]
     std = float(present.std(ddof=1)) if present.size > 1 else 0.0
@@ -388,6 +500,17 @@ def weighted_raw(table: pa.Table, report: Mapping[str, Any]) -> np.ndarray:
     )
 
 
+def _checked_unit(table: pa.Table, family: str, agents: list[str], units: Mapping[str, str]) -> str:
+    """The family's unit, after checking that its agent columns exist and the unit is known."""
+    missing = [a for a in agents if a not in table.column_names]
+    if missing:
+        raise FusionError(f"score family '{family}': no column {', '.join(missing)} in the table")
+    unit = units.get(family, default_unit(family))
+    if unit not in UNITS:
+        raise FusionError(f"score family '{family}': unit must be 'image' or 'sample', not '{unit}'")
+    return unit
+
+
 def fuse_scores(
     table: pa.Table,
     families: Mapping[str, list[str]] | None = None,
@@ -398,6 +521,8 @@ def fuse_scores(
     exact_max_agents: int = EXACT_MAX_AGENTS,
     permutations: int = DEFAULT_PERMUTATIONS,
     codes: np.ndarray | None = None,
+    value: str = "consensus",
+    probes: pa.Table | None = None,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Add one fused float64 column per score family (named after the family) to ``table``.
 
@@ -405,9 +530,14 @@ def fuse_scores(
     maps a family to ``"image"`` or ``"sample"`` (default: the family's unit in
     :mod:`visa.families`; ``sc``, ``oa``, ``dp`` are image-level, the rest sample-level). An existing column with
     a family's name is replaced. ``codes`` are the table's :func:`image_codes` when the caller already
-    has them (they are computed here otherwise). Returns the table and ``{family: report}`` (JSON-able; it goes into
+    has them (they are computed here otherwise). ``value`` is ``"consensus"`` (the Pearson value
+    above) or ``"probes"``: weights from the run's probe table ``probes`` (see
+    :func:`family_probes`); a family without probe rows keeps consensus weights and says so in its
+    report's ``warnings``. Returns the table and ``{family: report}`` (JSON-able; it goes into
     run.json under ``shapley``).
     """
+    if value not in VALUES:
+        raise FusionError(f"value must be one of {', '.join(VALUES)}, not '{value}'")
     if calibration_size < 2:
         raise FusionError("calibration_size must be at least 2")
     if families is None:
@@ -418,20 +548,17 @@ def fuse_scores(
     image_pool: np.ndarray | None = None
     sample_pool = np.flatnonzero(eligible)
     for family, agents in families.items():
-        missing = [a for a in agents if a not in table.column_names]
-        if missing:
-            raise FusionError(f"score family '{family}': no column {', '.join(missing)} in the table")
         if not agents:
             continue
-        unit = units.get(family, default_unit(family))
-        if unit not in UNITS:
-            raise FusionError(f"score family '{family}': unit must be 'image' or 'sample', not '{unit}'")
+        unit = _checked_unit(table, family, agents, units)
         if unit == "image":
             if image_pool is None:
                 image_pool = unique_image_rows(table, eligible, codes)
             pool = image_pool
         else:
             pool = sample_pool
+        family_probe, missing_probes = (None, None) if value != "probes" else family_probes(
+            probes, family, unit, list(agents))
         fused, report = fuse_family(
             [_as_float(table.column(a)) for a in agents],
             list(agents),
@@ -440,7 +567,10 @@ def fuse_scores(
             seed=seed,
             exact_max_agents=exact_max_agents,
             permutations=permutations,
+            probes=family_probe,
         )
+        if missing_probes:
+            report["warnings"] = [*report.get("warnings", []), missing_probes]
         report = {"unit": unit, **report}
         column = pa.array(fused, type=pa.float64(), mask=np.isnan(fused))
         if family in table.column_names:

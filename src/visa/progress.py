@@ -102,6 +102,15 @@ def summary_table(record: dict[str, Any]) -> Table:
             f"{info['items']:,} items in {info['seconds']:.1f} s ({rate:,.1f}/s), {info['errors']} failed",
         )
     table.add_row("shards", f"{record['shards']['total']} ({record['shards']['resumed']} already done)")
+    probes = record.get("probes")
+    if probes:
+        ladders = ", ".join(f"{k} {v}" for k, v in probes["ladders"].items() if v)
+        table.add_row("probes", f"{probes['rows']:,} rows ({ladders} ladders) in {probes['seconds']:.1f} s")
+    for family, report in (record.get("shapley") or {}).items():
+        weights = ", ".join(f"{a.split('.', 1)[-1]} {w:.2f}" for a, w in report.get("weights", {}).items())
+        table.add_row(f"  {family} weights", f"{weights} ({report.get('value', 'consensus')})")
+        for warning in report.get("warnings", []):
+            table.add_row("  warning", f"{family}: {warning}")
     table.add_row("wall time", f"{record['timings']['total_seconds']:.1f} s")
     table.add_row("score table", record["outputs"]["scores"])
     for note in record.get("notes") or []:

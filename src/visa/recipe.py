@@ -20,6 +20,7 @@ from visa.families import NAME as SCORE_NAME
 from visa.families import agent_column
 from visa.images import ImageLimits
 from visa.needs import NeedsError, order_by_needs
+from visa.probes.options import ProbeOptions
 from visa.registry import AGENTS, UnknownName, agent_class, did_you_mean, is_known
 from visa.selection.options import SelectionOptions
 
@@ -106,6 +107,7 @@ class Recipe(_Strict):
     scores: dict[str, ScoreSpec]
     selection: SelectionOptions | None = None
     clusters: ClusterSpec | None = Field(None, description="content clusters computed when the table is assembled")
+    probes: ProbeOptions = Field(default_factory=ProbeOptions)
 
     @field_validator("scores")
     @classmethod

@@ -10,6 +10,7 @@ Layout of ``RUN_DIR`` (only this module spells these names)::
     dataset_info.json   a LLaMA-Factory entry for the selected records
     report.html         written by `visa report`
     work/               shard outputs and the content-keyed result store (:mod:`visa.store`)
+    probes/             probe images, their two small runs and probes.parquet (:mod:`visa.probes.run`)
 
 Every file of a run is written by :func:`atomic_write`: into a temporary file next to the target,
 flushed to disk, then renamed over it, so a reader (or a crash) sees the whole old file or the
@@ -50,6 +51,7 @@ SUBSET_JSONL = "selected.jsonl"
 SUBSET_PARQUET = "selected.parquet"
 SUBSET_FOLDER = "selected"
 SUBSET_NAMES = (SUBSET_JSON, SUBSET_JSONL, SUBSET_PARQUET, SUBSET_FOLDER)
+PROBES = "probes"
 
 #: The layout of run.json this release writes; a record without the key is a layout-1 record.
 RECORD_VERSION = 1
@@ -229,6 +231,18 @@ class ClusterRecord(_Section):
     typical_rows: list[int | None] = Field(default_factory=list)
 
 
+class ProbeFusion(_Section):
+    """The probe game behind one family's weights (``shapley.<family>.probes``; see
+    :mod:`visa.probes.value`): per agent its probe AUROC and the 5-95% bootstrap interval of its
+    weight, and the agents whose AUROC interval contains 1/2."""
+
+    pairs: int | None = None
+    ladders: int | None = None
+    probe_auroc: dict[str, float | None] = Field(default_factory=dict)
+    interval: dict[str, list[float | None]] = Field(default_factory=dict)
+    no_information: list[str] = Field(default_factory=list)
+
+
 class FamilyFusion(_Section):
     """How fusion combined one family's agents (``shapley.<family>``; see :mod:`visa.fusion`)."""
 
@@ -246,6 +260,10 @@ class FamilyFusion(_Section):
     excluded: dict[str, str] = Field(default_factory=dict)
     stderr: dict[str, float] = Field(default_factory=dict)
     note: str | None = None
+    #: ``"probes"`` or ``"consensus"`` (absent in records written before the probe value existed)
+    value: str | None = None
+    warnings: list[str] = Field(default_factory=list)
+    probes: ProbeFusion | None = None
 
     def weight_of(self) -> dict[str, float]:
         """The weights by agent column, whichever form they were recorded in."""
@@ -383,6 +401,10 @@ class RunFolder:
     @property
     def work(self) -> Path:
         return self.path / WORK
+
+    @property
+    def probes(self) -> Path:
+        return self.path / PROBES
 
     # -- checks ----------------------------------------------------------------------------------
     def require_dir(self) -> None:

@@ -274,9 +274,12 @@ def _score(
 
     assemble_started = time.perf_counter()
     table = assemble(work, tally.shards, planned, decode["fingerprint"])
-    table, shapley, clusters = _pool_steps(table, planned, recipe)
-    folder.write_table(folder.scores, table)
     assemble_seconds = time.perf_counter() - assemble_started
+    probes_section, probe_table = _probes(recipe, run_dir, table, inp, root, workers, executor, scoring_seconds)
+    pool_started = time.perf_counter()
+    table, shapley, clusters = _pool_steps(table, planned, recipe, probe_table)
+    folder.write_table(folder.scores, table)
+    assemble_seconds += time.perf_counter() - pool_started
 
     notes = _notes(work, table.num_rows, folder)
     markers = work.shard_markers()
@@ -328,16 +331,18 @@ def _score(
         "clusters": clusters,
         "outputs": {"scores": str(folder.scores)},
         "notes": notes,
+        **({"probes": probes_section} if probes_section is not None else {}),
     })
     folder.write_record(record)
     return record.to_json()
 
 
 def _pool_steps(
-    table: pa.Table, planned: list[PlannedAgent], recipe: Recipe
+    table: pa.Table, planned: list[PlannedAgent], recipe: Recipe, probes: pa.Table | None
 ) -> tuple[pa.Table, dict[str, Any], dict[str, Any] | None]:
-    """Steps over the whole assembled table: Shapley fusion of every score family, then the
-    recipe's content clusters. Returns the table and the two run.json sections."""
+    """Steps over the whole assembled table: Shapley fusion of every score family (valued on the
+    probes when the run has them, else by consensus), then the recipe's content clusters. Returns
+    the table and the two run.json sections."""
     families: dict[str, list[str]] = {}
     units: dict[str, str] = {}
     for p in planned:
@@ -348,7 +353,8 @@ def _pool_steps(
     if families:
         from visa.fusion import fuse_scores
 
-        table, shapley = fuse_scores(table, families, units=units)
+        value = "probes" if probes is not None else "consensus"
+        table, shapley = fuse_scores(table, families, units=units, value=value, probes=probes)
     clusters: dict[str, Any] | None = None
     if recipe.clusters is not None:
         from visa.clusters import add_clusters
@@ -372,6 +378,28 @@ def _redo_incomplete_shards(work: WorkDir, planned: list[PlannedAgent], decode_f
     for shard, lacking in missing_results(work, planned, decode_fp, work.done_shards()).items():
         work.invalidate_shard(shard)
         work.repairs.append(f"shard {shard}: results of {', '.join(lacking)} were missing; the shard is redone")
+
+
+def _probes(
+    recipe: Recipe, run_dir: Path, table: Any, inp: Input, root: Path, workers: int, executor: Any,
+    scoring_seconds: float,
+) -> tuple[dict[str, Any] | None, Any]:
+    """Score the run's probes (when the recipe asks for them): the run.json section and the probe table.
+
+    The section records the probes' own cost next to the pool's (``share`` = probe seconds over
+    pool scoring plus probe seconds).
+    """
+    if not recipe.probes.enabled or table.num_rows == 0:
+        return None, None
+    from visa.probes.run import read_probes, run_probes
+
+    def score_part(part: Recipe, data: Path, folder: Path, image_root: Path) -> dict[str, Any]:
+        return score(part, data, folder, image_root=image_root, workers=workers, executor=executor)
+
+    section = run_probes(recipe, run_dir, table, inp, root, score_part)
+    total = scoring_seconds + section["seconds"]
+    section["share_of_scoring"] = round(section["seconds"] / total, 3) if total > 0 else None
+    return section, read_probes(run_dir)
 
 
 def _package_versions() -> dict[str, str]:

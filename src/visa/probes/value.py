@@ -65,6 +65,17 @@ class ProbePairs:
         return int(self.better.size)
 
 
+@dataclass(frozen=True)
+class FamilyProbes:
+    """A family's probe rows: one float64 array per agent (same order as the family's agents), the
+    ordered probe pairs, and ``direction`` (+1 when higher = more information, -1 for e.g. PT)."""
+
+    columns: Sequence[np.ndarray]
+    pairs: ProbePairs
+    direction: float = 1.0
+    bootstrap: int = DEFAULT_BOOTSTRAP
+
+
 def ladder_pairs(
     ladders: Sequence[Any] | np.ndarray,
     tiers: Sequence[int] | np.ndarray,

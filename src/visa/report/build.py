@@ -23,7 +23,7 @@ from visa.report.data import (
     aux_columns,
     load_run,
 )
-from visa.run_folder import FamilyFusion, InputRecord, RunFolder, SelectionSummary, atomic_write
+from visa.run_folder import FamilyFusion, InputRecord, ProbeFusion, RunFolder, SelectionSummary, atomic_write
 
 CORRELATION_SAMPLE = 100_000
 ERROR_EXAMPLES = 3
@@ -371,6 +371,7 @@ class _Builder:
             result["shapley_facts"] = _shapley_facts(report, family.unit)
             if report.note:
                 result["shapley_notes"].append(str(report.note))
+            result["shapley_notes"].extend(report.warnings)
         # agreement between agents: the calibration Pearson matrix when recorded, else computed here
         matrix, labels = _recorded_pearson(report)
         if matrix is not None:
@@ -391,6 +392,7 @@ class _Builder:
         listed = {a.column: a for a in self.data.run.agents}
         timings = self.data.run.timings.agents
         weights = report.weight_of()
+        probed = _probe_columns(report.probes)
         rows = []
         for column in agents:
             models = listed[column].models if column in listed else None
@@ -408,6 +410,7 @@ class _Builder:
                     "weight_value": float(w) if w is not None else None,
                     "stderr": fmt(stderr) if stderr is not None else "",
                     "excluded": str(report.excluded.get(column, "")),
+                    **probed.get(column, {"probe_auroc": "–", "interval": "", "no_information": False}),
                     "models": str(models or ""),
                     "n_items": fmt_int(stats.items) if stats is not None else "–",
                     "seconds": fmt(stats.seconds) if stats is not None else "–",
@@ -802,6 +805,8 @@ def _shapley_facts(report: FamilyFusion, unit: str) -> list[tuple[str, str]]:
         )
     if report.seed is not None:
         facts.append(("seed", str(report.seed)))
+    if report.value is not None:
+        facts.append(("value", _value_fact(report)))
     return facts
 
 
@@ -819,3 +824,31 @@ def _num(value: Any) -> float:
     except (TypeError, ValueError):
         return 0.0
     return v if math.isfinite(v) else 0.0
+
+
+def _value_fact(report: FamilyFusion) -> str:
+    """The value function, with the probe counts behind it."""
+    probes = report.probes
+    if report.value == "probes" and probes is not None:
+        return f"probes ({fmt_int(probes.pairs)} ordered pairs in {fmt_int(probes.ladders)} ladders)"
+    return str(report.value)
+
+
+def _probe_columns(probes: ProbeFusion | None) -> dict[str, dict[str, Any]]:
+    """Per agent: probe AUROC, 5-95% bootstrap interval of its weight, and the no-information flag."""
+    if probes is None:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in probes.probe_auroc.items():
+        bounds = probes.interval.get(name)
+        span = (
+            f"[{fmt(bounds[0])}, {fmt(bounds[1])}]"
+            if bounds is not None and len(bounds) == 2 and all(b is not None for b in bounds)
+            else ""
+        )
+        out[name] = {
+            "probe_auroc": fmt(value) if value is not None else "–",
+            "interval": span,
+            "no_information": name in probes.no_information,
+        }
+    return out

@@ -11,19 +11,26 @@ selected gets exactly one ``reason``: the first stage that removed it.
     stage: they have no visual score and compete in the instruction stage on IM/PT alone.
 ``image_below_cut`` (stage 1, images)
     The visual score of a unique image is the weighted mean of the percentile ranks, over unique
-    images, of the fused visual families (default ``sc``, ``oa``, ``dp`` with equal weights; a missing
-    family is skipped and the weights renormalised; an image with no visual value at all ranks last).
-    Images are ordered by visual score (ties: the image's first row), the top ``image_keep`` fraction
-    (rounded half up) is kept, and samples on the other images are dropped. Skipped when no visual
-    family exists.
+    images, of the fused visual families (default ``sc``, ``oa``, ``dp``; weights: ``visual_weights``
+    when given, else with ``value: probes`` the families' Shapley weights on the run's image probes,
+    else equal; a missing family is skipped and the weights renormalised; an image with no visual
+    value at all ranks last). Images are ordered by visual score (ties: the image's first row). With
+    ``image_keep: probes`` (default) the images below the cut calibrated on the image probes are
+    dropped (:mod:`visa.probes.calibrate`), but never so many that the kept images cannot give the
+    budget its samples (a note says so); a run without probes keeps half (with a note). With a
+    number, the top ``image_keep`` fraction (rounded half up) is kept. Skipped when no visual family
+    exists.
     With content clusters (see :mod:`~visa.selection.crops`) the percentile ranks are taken among
-    the images of the same cluster and every cluster keeps its own top ``image_keep`` fraction.
+    the images of the same cluster; a fixed ``image_keep`` fraction is kept per cluster.
 ``im_nonpositive`` (stage 2, instructions)
-    Samples whose IM is ``<= im_min`` (default 0: the image does not help predict the answer). The
-    threshold applies to the Shapley-weighted mean of the **raw** IM agents (fused scores are
-    z-scores, whose zero is the calibration mean), so it is meaningful when the IM agents share a
-    unit, as the reference's MLLM cross-entropy differences do. A null IM is not dropped here.
-    With clusters, each cluster's best ``cluster_im_floor`` fraction by IM is spared.
+    With ``im_min: probes`` (default): samples whose fused IM is below the cut calibrated on the IM
+    probes (the value separating conversations on their own image from the same conversations on
+    another or a flat image). With a number: samples whose IM is ``<= im_min`` on the
+    Shapley-weighted mean of the **raw** IM agents (fused scores are z-scores, whose zero is the
+    calibration mean), meaningful when the IM agents share a unit, as the reference's MLLM
+    cross-entropy differences do; a run without probes falls back to this with 0 (and a note). A
+    null IM is not dropped here. With clusters, each cluster's best ``cluster_im_floor`` fraction by
+    IM is spared.
 ``pt_tail``
     The ``pt_tail`` fraction (default 2%) of error-free rows with the highest fused PT (rounded half
     up; ties: lower row first), i.e. the garbled-text tail, measured over the whole pool so the cut

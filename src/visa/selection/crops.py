@@ -188,15 +188,15 @@ def cluster_stage(state: State) -> None:
 
 
 def visual_within_clusters(
-    state: State, image_rows: np.ndarray, family_values: list[np.ndarray], weights: list[float]
+    state: State, image_rows: np.ndarray, family_values: list[np.ndarray], weights: list[float], fraction: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Visual score of every unique image (weighted percentiles within its cluster) and the
-    positions (into ``image_rows``) of the images each cluster keeps."""
+    positions (into ``image_rows``) of the images each cluster keeps: its top ``fraction``."""
     from visa.fusion import renormalised_sum
 
     groups = state.groups[image_rows]
     visual = renormalised_sum([percentiles_within(v, groups) for v in family_values], weights)
-    keep = keep_within(visual, groups, state.rows[image_rows], state.options.image_keep)
+    keep = keep_within(visual, groups, state.rows[image_rows], fraction)
     n_groups = len(state.group_values)
     state.cluster_images = np.bincount(groups, minlength=n_groups)
     state.cluster_kept_images = np.bincount(groups[keep], minlength=n_groups)

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from visa.families import IM, PT, VISUAL_FAMILIES, families_from_agents, families_from_columns
 from visa.fusion import FusionError, fuse_scores, image_codes
+from visa.probes.run import read_probes
 from visa.run_folder import (
     DATASET_INFO,
     REPORT,
@@ -256,17 +257,19 @@ def _select(
     _timed(timings, "image_keys", t)
 
     t = time.perf_counter()
+    probes = read_probes(folder.path) if "probes" in (options.value, options.image_keep, options.im_min) else None
     try:
         table, shapley = fuse_scores(
             table, families, units=units, calibration_size=options.calibration_size, seed=options.seed,
-            permutations=options.permutations, codes=codes,
+            permutations=options.permutations, codes=codes, value=options.value, probes=probes,
         )
     except FusionError as err:
         raise SelectionError(str(err)) from None
     _timed(timings, "fusion", t)
 
     t = time.perf_counter()
-    selection, summary = select_table(table, options, units=units, shapley=shapley, codes=codes)
+    selection, summary = select_table(table, options, units=units, shapley=shapley, codes=codes, probes=probes)
+    summary["notes"][:0] = [f"{family}: {line}" for family, r in shapley.items() for line in r.get("warnings", [])]
     _timed(timings, "selection", t)
 
     t = time.perf_counter()

@@ -99,7 +99,15 @@ class SelectionOptions(BaseModel):
         description="samples to keep: a count (80000) or a percentage of all input records ('2.5%'); "
         "None keeps every sample that passes the filters",
     )
-    image_keep: float = Field(0.5, gt=0, le=1, description="fraction of unique images kept in stage 1")
+    value: Literal["probes", "consensus"] = Field(
+        "probes",
+        description="Shapley value function: agreement with the run's probes, or the paper's consensus",
+    )
+    image_keep: float | Literal["probes"] = Field(
+        "probes",
+        description="stage 1: 'probes' cuts where the image probes say images look degraded (never "
+        "below what the budget needs), or a fraction of unique images to keep",
+    )
     visual_weights: dict[str, float] | None = Field(
         None,
         description="weights of the fused image-level families in the visual score; families not named "
@@ -108,7 +116,11 @@ class SelectionOptions(BaseModel):
     text_only: Literal["keep", "drop"] = Field(
         "keep", description="text-only samples bypass the image stage ('keep') or are dropped"
     )
-    im_min: float | None = Field(0.0, description="drop samples with raw IM <= im_min; None disables")
+    im_min: float | Literal["probes"] | None = Field(
+        "probes",
+        description="'probes': drop samples whose fused IM is below the cut calibrated on the IM probes; "
+        "a number: drop samples with raw IM <= it; None disables",
+    )
     pt_tail: float = Field(0.02, ge=0, lt=1, description="drop this top fraction of PT (garbled text)")
     pt_blend: float = Field(0.0, ge=0, le=1, description="weight of PT's percentile in the instruction score")
     quota_field: str | None = Field(
@@ -165,6 +177,13 @@ class SelectionOptions(BaseModel):
     @classmethod
     def _off(cls, value: Any) -> Any:
         return None if isinstance(value, str) and value.strip().lower() in OFF else value
+
+    @field_validator("image_keep")
+    @classmethod
+    def _keep(cls, value: float | str) -> float | str:
+        if isinstance(value, float) and not 0 < value <= 1:
+            raise ValueError("image_keep must be 'probes' or a fraction in (0, 1]")
+        return value
 
     @field_validator("visual_weights", mode="before")
     @classmethod

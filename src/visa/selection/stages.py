@@ -18,6 +18,13 @@ import pyarrow.compute as pc
 
 from visa.families import FAMILIES, IM, PT, VISUAL_FAMILIES, default_unit
 from visa.fusion import image_codes, renormalised_sum, score_families, unique_image_rows, weighted_raw
+from visa.probes.calibrate import (
+    VisualCalibration,
+    budget_floor,
+    calibrate_im,
+    calibrate_visual,
+    images_above,
+)
 from visa.selection.crops import (
     cluster_budget,
     cluster_report,
@@ -76,6 +83,9 @@ class State:
     cluster_images: np.ndarray | None = None
     cluster_kept_images: np.ndarray | None = None
     cluster_targets: np.ndarray | None = None
+    probes: pa.Table | None = None
+    calibration: VisualCalibration = field(default_factory=lambda: VisualCalibration(None))
+    im_cut: dict[str, Any] | None = None
 
     @property
     def n(self) -> int:
@@ -145,9 +155,11 @@ def _check_named_families(state: State) -> None:
 
 
 def _visual_weights(state: State) -> dict[str, float]:
-    """The requested visual families present in the table, with their weights (> 0)."""
+    """The requested visual families present in the table, with their weights (> 0): the user's
+    (``visual_weights``; families not named keep 1), else the probes' (``value: probes``), else 1 each."""
     _check_named_families(state)
-    requested = state.options.weights()
+    options = state.options
+    requested = options.weights() if options.visual_weights else (state.calibration.weights or options.weights())
     weights = {f: float(w) for f, w in requested.items() if w > 0 and f in state.names}
     absent = [f for f, w in requested.items() if w > 0 and f not in state.names]
     if absent:
@@ -160,11 +172,64 @@ def _visual_weights(state: State) -> dict[str, float]:
     return weights
 
 
+def _calibrate(state: State, image_rows: np.ndarray) -> None:
+    """Stage-1 family weights and cut from the image probes (nothing when neither is asked for)."""
+    options = state.options
+    wants_weights = options.visual_weights is None and options.value == "probes"
+    if not (wants_weights or options.image_keep == "probes"):
+        return
+    requested = options.weights()
+    families = [f for f, w in requested.items() if w > 0 and f in state.names]
+    if not families:
+        return
+    pool_values = {f: state.fused(f)[image_rows] for f in families}
+    user = None if wants_weights else requested
+    state.calibration = calibrate_visual(state.probes, state.shapley or {}, pool_values, user, seed=options.seed)
+    state.notes.extend(state.calibration.notes)
+
+
+def _samples_per_image(state: State, n_codes: int) -> np.ndarray:
+    """Samples each image code can contribute to the budget: its rows, or with ``dedupe`` its
+    distinct conversations (a repeat on the same image is dropped later), capped by ``max_per_image``."""
+    positions = np.flatnonzero(state.valid & state.has_image)
+    codes, options = state.codes, state.options
+    if options.dedupe and TEXT_HASH in state.names:
+        text = state.table.column(TEXT_HASH).take(pa.array(positions)).to_pylist()
+        distinct = {(int(codes[p]), t if t is not None else f"row{p}") for p, t in zip(positions, text, strict=True)}
+        counts = np.bincount(np.array([c for c, _ in distinct], dtype=np.int64), minlength=n_codes)
+    else:
+        counts = np.bincount(codes[positions], minlength=n_codes)
+    if options.max_per_image is not None:
+        counts = np.minimum(counts, options.max_per_image)
+    return counts
+
+
+def _kept_images(state: State, visual: np.ndarray, per_image: np.ndarray) -> int:
+    """How many unique images stage 1 keeps: a fixed fraction, or the probe cut with the budget's floor."""
+    n_images, notes = visual.size, state.notes
+    if state.options.image_keep != "probes":
+        return half_up(state.options.image_keep * n_images)
+    cut = state.calibration.cut
+    if cut is None:
+        notes.append("no probe cut for the image stage: kept half of the unique images (image_keep 0.5)")
+        return half_up(0.5 * n_images)
+    above = images_above(visual, cut)
+    floor = budget_floor(visual, per_image, state.options.budget_rows(state.n))
+    if floor > above:
+        notes.append(f"the probe cut keeps {above} of {n_images} images; the budget needs {floor}: kept {floor}")
+    kept = min(n_images, max(above, floor))
+    if kept == 0:
+        notes.append(f"stage 1 keeps no image: all {n_images} score like degraded copies in the probes")
+    return kept
+
+
 def image_stage(state: State) -> None:
-    """Keep the top ``image_keep`` fraction of unique images by visual score (of each content
-    cluster's images, ranked within it, when clusters are on); drop the rest."""
-    state.visual_weights = _visual_weights(state)
+    """Keep the unique images at or above the visual cut (the probes' or a fixed fraction); drop the
+    rest. With content clusters the images are ranked within their cluster and every cluster keeps
+    the same fraction of its images (the share of the pool the cut keeps)."""
     image_rows = unique_image_rows(state.table, state.valid, state.codes)
+    _calibrate(state, image_rows)
+    state.visual_weights = _visual_weights(state)
     state.n_images = state.kept_images = int(image_rows.size)
     if not state.visual_weights:
         state.notes.append("no visual score family: the image stage is skipped")
@@ -173,13 +238,15 @@ def image_stage(state: State) -> None:
         return
     values = [state.fused(family)[image_rows] for family in state.visual_weights]
     weights = list(state.visual_weights.values())
-    if state.groups is None:
-        visual_image = renormalised_sum([percentile_ranks(v) for v in values], weights)
-        kept = top(visual_image, state.rows[image_rows], half_up(state.options.image_keep * state.n_images))
-    else:
-        visual_image, kept = visual_within_clusters(state, image_rows, values, weights)
     codes, has_image = state.codes, state.has_image
     n_codes = int(codes.max()) + 1
+    per_image = _samples_per_image(state, n_codes)[codes[image_rows]]
+    visual_image = renormalised_sum([percentile_ranks(v) for v in values], weights)
+    count = _kept_images(state, visual_image, per_image)
+    if state.groups is None:
+        kept = top(visual_image, state.rows[image_rows], count)
+    else:
+        visual_image, kept = visual_within_clusters(state, image_rows, values, weights, count / state.n_images)
     by_code = np.full(n_codes, np.nan)
     by_code[codes[image_rows]] = visual_image
     state.visual_row[has_image] = by_code[codes[has_image]]
@@ -211,14 +278,27 @@ def raw_im(table: pa.Table, shapley: Mapping[str, Any] | None) -> np.ndarray:
 
 
 def im_stage(state: State) -> None:
-    """Drop samples whose raw IM is ``<= im_min`` (a null IM is not dropped); with clusters, not
-    below each cluster's ``cluster_im_floor`` (see :func:`~visa.selection.crops.im_floor`)."""
+    """Drop samples below the IM cut: calibrated on the IM probes (``im_min: probes``, on the fused
+    IM), or raw IM ``<= im_min`` in the agents' own unit. A null IM is not dropped. With clusters,
+    rows above each cluster's ``cluster_im_floor`` are spared (see
+    :func:`~visa.selection.crops.im_floor`)."""
     if IM not in state.names:
         state.notes.append("no IM scores: the IM filter is skipped and samples are ranked by visual score")
         return
-    if state.options.im_min is not None:
-        im = raw_im(state.table, state.shapley)
-        state.drop((im <= state.options.im_min) & ~im_floor(state, im), "im_nonpositive")
+    im_min = state.options.im_min
+    if im_min is None:
+        return
+    if im_min == "probes":
+        cut, why = calibrate_im(state.probes, (state.shapley or {}).get(IM))
+        if cut is not None:
+            state.im_cut = {"unit": "fused im", **cut.as_dict()}
+            im = state.fused(IM)
+            state.drop((im < cut.threshold) & ~im_floor(state, im), "im_nonpositive")
+            return
+        state.notes.append(f"no IM probe cut ({why}): dropped samples with raw IM <= 0")
+        im_min = 0.0
+    im = raw_im(state.table, state.shapley)
+    state.drop((im <= float(im_min)) & ~im_floor(state, im), "im_nonpositive")
 
 
 def pt_tail_stage(state: State) -> None:
@@ -449,6 +529,11 @@ def summary(state: State) -> dict[str, Any]:
         },
         "text_only_rows": int((state.valid & ~state.has_image).sum()),
         "visual_weights": state.visual_weights,
+        "visual_weights_from": "options" if state.options.visual_weights else (
+            "probes" if state.calibration.weights else "equal"),
+        "image_cut": state.calibration.cut.as_dict()
+        if state.calibration.cut is not None and state.options.image_keep == "probes" else None,
+        "im_cut": state.im_cut,
         "ranked_by": ranked_by,
         "pt_cut": state.pt_cut,
         "options": state.options.model_dump(mode="json"),
@@ -459,6 +544,8 @@ def summary(state: State) -> dict[str, Any]:
         out["quota"] = state.quota_report
     if state.groups is not None:
         out["clusters"] = cluster_report(state)
+    if state.calibration.report:
+        out["visual_probes"] = state.calibration.report
     out["notes"] = state.notes
     return out
 
@@ -484,15 +571,19 @@ def select_table(
     units: Mapping[str, str] | None = None,
     shapley: Mapping[str, Any] | None = None,
     codes: np.ndarray | None = None,
+    probes: pa.Table | None = None,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Run the selection stages over a score table that already has fused family columns.
 
     ``units`` maps families to "image"/"sample" (default: each family's unit in
     :mod:`visa.families`); ``shapley`` is the fusion report (its IM weights turn the raw IM agents
     into the value ``im_min`` applies to); ``codes`` are the table's image codes when the caller
-    has them. Returns the selection table (one row per input row, in table order) and the summary.
+    has them; ``probes`` is the run's probe table (stage-1 weights and cut, IM cut; see
+    :mod:`visa.probes.calibrate`). Returns the selection table (one row per input row, in table
+    order) and the summary.
     """
     state = initial_state(table, options, units, shapley, codes)
+    state.probes = probes
     for stage in STAGES:
         stage(state)
     return selection_table(state), summary(state)
