@@ -26,6 +26,8 @@ from visa.selection.stages import REASONS
 REASON_ORDER = REASONS
 REASON_TEXT = {
     "error": "the sample has an error",
+    "image_gate": "a guard found its image information-free (noise, flat, heavy JPEG)",
+    "atypical": "its image is unlike the images of its content cluster",
     "text_only": "text-only samples were dropped",
     "image_below_cut": "its image is below the visual-score cut",
     "im_nonpositive": "IM <= threshold: the image does not help the answer",

@@ -6,6 +6,17 @@ selected gets exactly one ``reason``: the first stage that removed it.
 
 ``error``
     Rows with an ``error_kind`` are never selected.
+``image_gate``
+    With ``image_gate`` (a mapping of score-table columns to minimums; the embedded recipe gates
+    on its ``sc.pixel_correlation`` and ``sc.block_grid`` guards), rows whose value in any of the
+    columns is below its minimum: images a guard found information-free (uniform noise, a flat
+    image, heavy JPEG damage). They take no part in the image ranking nor in the clusters' budget
+    shares (:mod:`~visa.selection.gate`).
+``atypical``
+    With content clusters, each cluster's ``cluster_atypical`` fraction (default 0.2) of its rows
+    still in the running that are least typical of it (``cluster_typicality``: the row's image
+    embedding against its cluster's mean; :mod:`~visa.selection.crops`): conversations on an image
+    unlike the images of their kind.
 ``text_only``
     Only with ``text_only="drop"``. By default text-only samples (no ``image_key``) bypass the image
     stage: they have no visual score and compete in the instruction stage on IM/PT alone.

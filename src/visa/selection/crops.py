@@ -6,8 +6,13 @@ over the whole pool, with a note), any column such as ``meta.task`` with ``clust
 none with ``clusters: off``. Rows without a cluster value (text-only samples, rows that could not be
 clustered) form one group of their own. An image belongs to the cluster of its first error-free row.
 
-Four small, vectorised steps that the selection stages call when clusters are on:
+Five small, vectorised steps that the selection stages call when clusters are on:
 
+* :func:`atypical_within` - each cluster drops its ``cluster_atypical`` fraction of rows least
+  typical of it (the ``cluster_typicality`` column, see :mod:`visa.clusters`): with clusters held
+  together by their questions, these are mostly conversations on an image unlike the images of
+  their kind (a wrong image, a damaged copy) - which a visual ranking within the cluster cannot see
+  and IM agents blind to that kind of image cannot either;
 * :func:`percentiles_within` - each image's percentile among the images of its own cluster, so a
   rendered-text image competes with rendered text, not with rich photos;
 * :func:`keep_within` - each cluster keeps its own top fraction of images (the image cut);
@@ -216,11 +221,44 @@ def im_floor(state: State, im: np.ndarray) -> np.ndarray:
     return spared
 
 
+def share_rows(state: State) -> np.ndarray:
+    """The rows a cluster's budget share counts: error-free rows that neither the image gate nor
+    the typicality cut removed (a cluster of damaged images claims no share)."""
+    out = state.valid.copy()
+    for reason in ("image_gate", "atypical"):
+        out &= state.reason != _code(reason)
+    return out
+
+
+def atypical_within(state: State) -> np.ndarray:
+    """Rows to drop as atypical: within each cluster, the ``cluster_atypical`` fraction of the rows
+    still in the running with the lowest typicality (ties: higher row first; none when clusters are
+    off, the fraction is 0, or the table has no typicality column; a row without a value is kept)."""
+    from visa.clusters import TYPICALITY_COLUMN
+
+    drop = np.zeros(state.n, dtype=bool)
+    fraction = state.options.cluster_atypical
+    if state.groups is None or fraction <= 0 or TYPICALITY_COLUMN not in state.names:
+        return drop
+    typicality = np.asarray(
+        state.table.column(TYPICALITY_COLUMN).cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64
+    )
+    alive = np.flatnonzero((state.reason == 0) & ~np.isnan(typicality))
+    keep = keep_within(typicality[alive], state.groups[alive], state.rows[alive], 1.0 - fraction)
+    drop[alive[~keep]] = True
+    return drop
+
+
+def atypical_stage(state: State) -> None:
+    """Drop each cluster's least typical rows (reason ``atypical``; see :func:`atypical_within`)."""
+    state.drop(atypical_within(state), "atypical")
+
+
 def cluster_budget(state: State, budget: int) -> None:
     """Fill the budget cluster by cluster (targets from :func:`spread_budget`)."""
     ranked = state.ranked
     n_groups = len(state.group_values)
-    pool_counts = np.bincount(state.groups[state.valid], minlength=n_groups)
+    pool_counts = np.bincount(state.groups[share_rows(state)], minlength=n_groups)
     state.cluster_targets = spread_budget(pool_counts, budget, state.options.cluster_balance)
     take = fill_targets(state.groups[ranked], state.cluster_targets, budget)
     state.chosen = ranked[take]

@@ -87,6 +87,7 @@ def _read_scores(
         check_quota_field(options.quota_field, schema.names)
         wanted.append(options.quota_field)
     wanted.extend(options.cluster_columns())
+    wanted.extend(options.image_gate or {})
     for agents in families.values():
         wanted.extend(agents)
     # families with no agent columns but an already fused column (a table fused elsewhere)

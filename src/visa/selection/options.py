@@ -147,6 +147,15 @@ class SelectionOptions(BaseModel):
     cluster_im_floor: float = Field(
         0.5, ge=0, le=1, description="with clusters, the IM rule spares each cluster's best fraction by IM"
     )
+    cluster_atypical: float = Field(
+        0.2, ge=0, lt=1,
+        description="with clusters, each cluster drops this fraction of its rows least typical of it",
+    )
+    image_gate: dict[str, float] | None = Field(
+        None,
+        description="score-table columns and their minimum: a row whose image is below any of them is "
+        "dropped first (reason image_gate); see visa.selection.gate",
+    )
     dedupe: bool = Field(
         True, description="drop samples whose image set and conversation repeat a better one"
     )
@@ -218,11 +227,13 @@ class SelectionOptions(BaseModel):
 
     def cluster_columns(self) -> list[str]:
         """The score-table columns the cluster option reads (none when it is off)."""
-        from visa.clusters import CLUSTER_COLUMN, DISTANCE_COLUMN
+        from visa.clusters import CLUSTER_COLUMN, DISTANCE_COLUMN, TYPICALITY_COLUMN
 
         if self.clusters == "off":
             return []
-        return [CLUSTER_COLUMN, DISTANCE_COLUMN] if self.clusters == "auto" else [self.clusters]
+        if self.clusters == "auto":
+            return [CLUSTER_COLUMN, DISTANCE_COLUMN, TYPICALITY_COLUMN]
+        return [self.clusters]
 
     def weights(self) -> dict[str, float]:
         """The visual weights: weight 1 for each default visual family, overridden or extended by

@@ -1,8 +1,8 @@
 """The selection stages over a fused score table: one function per stage over a small :class:`State`.
 
-:func:`select_table` runs them in the order the package docstring describes (errors, image cut,
-text-only, IM, PT tail, ranking, duplicates, budget and quotas). A stage only marks rows: a row's
-``reason`` is set once, by the first stage that removes it.
+:func:`select_table` runs them in the order the package docstring describes (errors, image gate,
+typicality cut, image cut, text-only, IM, PT tail, ranking, duplicates, budget and quotas). A stage
+only marks rows: a row's ``reason`` is set once, by the first stage that removes it.
 """
 
 from __future__ import annotations
@@ -26,18 +26,22 @@ from visa.probes.calibrate import (
     images_above,
 )
 from visa.selection.crops import (
+    atypical_stage,
     cluster_budget,
     cluster_report,
     cluster_stage,
     im_floor,
     visual_within_clusters,
 )
+from visa.selection.gate import gate_stage
 from visa.selection.options import SelectionError, SelectionOptions
 from visa.selection.ranks import codes as value_codes
 from visa.selection.ranks import descending, half_up, percentile_ranks, rank_within_groups, top
 
 REASONS = (
     "error",
+    "image_gate",
+    "atypical",
     "text_only",
     "image_below_cut",
     "im_nonpositive",
@@ -227,7 +231,7 @@ def image_stage(state: State) -> None:
     """Keep the unique images at or above the visual cut (the probes' or a fixed fraction); drop the
     rest. With content clusters the images are ranked within their cluster and every cluster keeps
     the same fraction of its images (the share of the pool the cut keeps)."""
-    image_rows = unique_image_rows(state.table, state.valid, state.codes)
+    image_rows = unique_image_rows(state.table, state.valid & (state.reason == 0), state.codes)
     _calibrate(state, image_rows)
     state.visual_weights = _visual_weights(state)
     state.n_images = state.kept_images = int(image_rows.size)
@@ -553,6 +557,8 @@ def summary(state: State) -> dict[str, Any]:
 #: The stages in the order they run.
 STAGES = (
     cluster_stage,
+    gate_stage,
+    atypical_stage,
     image_stage,
     text_only_stage,
     im_stage,
