@@ -396,7 +396,7 @@ def build(out_dir: Path, seed: int, per_family: int, misaligned: float, degraded
     return pool_path
 
 
-def union(out_dir: Path, pools: list[Path]) -> Path:
+def union(out_dir: Path, pools: list[Path], run_name: str = "run") -> Path:
     """One pool of several built pools (``out_dir/pool/pool.json``), and a run folder that already
     holds their agents' stored results: results are keyed by image content and sample content, so
     scoring the union computes only what no pool computed (samples whose id repeats across pools),
@@ -412,7 +412,7 @@ def union(out_dir: Path, pools: list[Path]) -> Path:
             if not (images / name).exists():
                 shutil.copyfile(pool / "pool" / record["image"], images / name)
             records.append({**record, "image": f"images/{name}"})
-        for folder in (pool / "run" / "work" / "results").glob("*"):
+        for folder in (pool / run_name / "work" / "results").glob("*"):
             target = out_dir / "run" / "work" / "results" / folder.name
             target.mkdir(parents=True, exist_ok=True)
             for file in folder.iterdir():
@@ -485,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("union", help="one pool of several scored pools, reusing their stored results")
     u.add_argument("pools", type=Path, nargs="+")
     u.add_argument("--out", type=Path, required=True)
+    u.add_argument("--run", default="run", help="run folder inside each pool folder whose stored results are reused")
     e = sub.add_parser("evaluate", help="select with and without clusters; coverage and noise")
     e.add_argument("pools", type=Path, nargs="+", help="folders written by build and scored into <folder>/run")
     e.add_argument("--budgets", default="2.5%,10%,25%")
@@ -494,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="a selection option for every mode, e.g. --set cluster_im_floor=0 (repeatable)")
     args = parser.parse_args(argv)
     if args.command == "union":
-        path = union(args.out, args.pools)
+        path = union(args.out, args.pools, args.run)
         print(f"{path}: {len(json.loads(path.read_text(encoding='utf-8')))} samples; now score it into {args.out / 'run'}")
         return 0
     if args.command == "build":
