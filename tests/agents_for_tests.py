@@ -107,6 +107,32 @@ class SetupLog(Agent):
         return [{"score": float(item.image.width)} for item in items]
 
 
+class SlowSetup(Agent):
+    """Image width, after a setup of ``delay`` seconds (a model load) that fails when ``fail`` is set.
+    Scoring before the setup has finished is an error."""
+
+    unit = Unit.IMAGE
+
+    class Params(AgentParams):
+        delay: float = 0.0
+        fail: bool = False
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.loaded = False
+
+    def setup(self) -> None:
+        time.sleep(self.params.delay)
+        if self.params.fail:
+            raise RuntimeError("the model file is damaged")
+        self.loaded = True
+
+    def score_batch(self, items):
+        if not self.loaded:
+            raise RuntimeError("scored before its setup finished")
+        return [{"score": float(item.image.width)} for item in items]
+
+
 class MeanColour(Agent):
     """The image's mean RGB as a 3-vector (``embedding``): a stand-in for an embedding agent."""
 

@@ -315,3 +315,31 @@ def test_doctor_reports_what_runs_here():
     assert proc.wait(timeout=120) == 0
     text = proc.stdout.read().decode()
     assert "embedded" in text and "image_stats" in text and "embedded_lm" in text
+
+
+SLOW_SETUP = """
+name: slow
+execution: {{shard_size: 3}}
+scores:
+  image:
+    agents: [{{name: stats, type: image_stats}}]
+  slow:
+    agents: [{{name: width, type: 'agents_for_tests:SlowSetup', params: {{delay: 0.5, fail: {fail}}}}}]
+"""
+
+
+def test_models_load_in_the_background_and_each_agent_waits_for_its_own(tmp_path):
+    data = make_dataset(tmp_path / "d", n_images=4)
+    recipe = load_recipe(write_recipe(tmp_path / "slow.yaml", SLOW_SETUP.format(fail="false")))
+    record = score(recipe, data, tmp_path / "run")
+    assert record["counts"]["errors"] == {}
+    table = pq.read_table(tmp_path / "run" / "scores.parquet")
+    assert table.column("slow.width").to_pylist() == table.column("image.stats.width").to_pylist()
+
+
+def test_a_failed_background_setup_stops_the_run_with_its_error(tmp_path):
+    data = make_dataset(tmp_path / "d", n_images=4)
+    recipe = load_recipe(write_recipe(tmp_path / "slow.yaml", SLOW_SETUP.format(fail="true")))
+    with pytest.raises(RuntimeError, match="the model file is damaged"):
+        score(recipe, data, tmp_path / "run")
+    assert not (tmp_path / "run" / "scores.parquet").exists()

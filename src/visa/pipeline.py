@@ -24,6 +24,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -470,16 +471,39 @@ class AgentGroup:
         }
         self._own = own
         self._refreshed: set[str] = set()
+        #: agent fingerprint -> its setup running in the background (see :meth:`setup`)
+        self._setups: dict[str, Future[None]] = {}
 
-    def setup(self) -> None:
+    def setup(self, *, background: bool = False) -> None:
+        """Register the members and set them up (load their models).
+
+        ``background=True`` sets them up one after the other in a thread, in the order they run,
+        and returns at once: the first agents work on the first shard while the later ones load
+        (a language model's import and load take seconds that the image agents' forwards would
+        otherwise wait for). Each agent waits for its own setup before its first item, where an
+        error of that setup is raised. Setups compute nothing that reaches a result.
+        """
         for planned in self.members:
             self.work.register_agent(planned.fingerprint, {**planned.identity, "column": planned.column})
         for index in self.index.values():
             index.refresh()
-        for planned in self.members:
-            planned.agent.setup()
+        if not background:
+            for planned in self.members:
+                planned.agent.setup()
+            return
+        loader = ThreadPoolExecutor(1, thread_name_prefix="visa-setup")
+        self._setups = {planned.fingerprint: loader.submit(planned.agent.setup) for planned in self.members}
+        loader.shutdown(wait=False)
+
+    def _ready(self, planned: PlannedAgent) -> None:
+        """Wait for ``planned``'s background setup; raise its error."""
+        future = self._setups.pop(planned.fingerprint, None)
+        if future is not None:
+            future.result()
 
     def teardown(self) -> None:
+        setups, self._setups = self._setups, {}
+        wait(setups.values())  # never tear down an agent while it is still loading
         for planned in self.members:
             planned.agent.teardown()
 
@@ -519,6 +543,7 @@ class AgentGroup:
         return images
 
     def _score(self, planned: PlannedAgent, keys: list[str], items: list[Any], stats: ShardStats) -> pa.Table:
+        self._ready(planned)
         started = time.perf_counter()
         results = run_agent_batches(planned.agent, items)
         agent_stats = stats.agents.setdefault(planned.column, AgentStats())
@@ -656,7 +681,8 @@ class ShardProcessor:
         self._ready = False
 
     def setup(self) -> None:
-        self.group.setup()
+        """Set the agents up; their models load in the background while the first agents work."""
+        self.group.setup(background=True)
         self._ready = True
 
     def teardown(self) -> None:
