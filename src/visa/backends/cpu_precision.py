@@ -67,6 +67,37 @@ def bf16_linears(module: torch.nn.Module) -> int:
     return replaced
 
 
+#: Logits of each row that :func:`bf16_head_logprobs` recomputes in float32 (the largest ones).
+EXACT_TOP = 32
+#: Rows per step of :func:`bf16_head_logprobs` (bounds the vocabulary-wide temporaries).
+HEAD_ROWS = 256
+
+
+def bf16_head_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, weight_bf16: torch.Tensor, tokens: torch.Tensor,
+    exact_top: int = EXACT_TOP,
+) -> torch.Tensor:
+    """log p(``tokens``) under an LM head without bias: ``hidden`` (n x d, float32) times ``weight``
+    (vocabulary x d, float32; ``weight_bf16`` its bfloat16 copy), softmax over the vocabulary.
+
+    The vocabulary-wide product runs in bfloat16 (about 3x faster than float32 where native); then
+    every row's target logit and its ``exact_top`` largest logits are recomputed in float32, so only
+    the tail of the softmax normaliser keeps bfloat16 rounding. Against the float32 head: a few
+    thousandths of a nat per token on average, a few hundredths at most (a flat distribution).
+    """
+    out = torch.empty(hidden.shape[0], dtype=torch.float32)
+    for start in range(0, hidden.shape[0], HEAD_ROWS):
+        rows = hidden[start : start + HEAD_ROWS].float()
+        wanted = tokens[start : start + HEAD_ROWS].unsqueeze(1)
+        logits = F.linear(rows.to(torch.bfloat16), weight_bf16).float()
+        top = logits.topk(min(exact_top, logits.shape[1]), dim=1).indices
+        index = torch.cat([top, wanted], dim=1)
+        exact = torch.einsum("nd,nkd->nk", rows, weight[index].float())
+        logits.scatter_(1, index, exact)
+        out[start : start + HEAD_ROWS] = exact[:, -1] - torch.logsumexp(logits, dim=1)
+    return out
+
+
 class Bf16Linear(torch.nn.Module):
     """``Linear`` with a bfloat16 weight: float32 in, bfloat16 product (float32 accumulation), float32 out."""
 

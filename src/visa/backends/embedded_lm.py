@@ -26,8 +26,10 @@ How ``answer_logprobs`` saves work (all of it exact up to float rounding):
   prompt position is a fifth of the model's work);
 * ``precision: auto`` runs the matrix products of the transformer body in bfloat16 where the CPU
   does that natively (about 3x faster there; embeddings, norms, attention and the residual stream stay
-  float32, see :mod:`visa.backends.cpu_precision`); log-probabilities then differ from float32 by a
-  few thousandths of a nat per token on average. ``precision: float32`` gives the float32 results.
+  float32, see :mod:`visa.backends.cpu_precision`), and the LM head's vocabulary-wide product too,
+  with each position's target logit and its 32 largest logits recomputed in float32; log-probabilities
+  then differ from float32 by a few thousandths of a nat per token on average.
+  ``precision: float32`` gives the float32 results.
 
 Forwards run on the process's torch threads (set once per worker by the executor from the
 recipe's ``execution.threads``) or on ``threads``: a fixed count, never derived from the machine's
@@ -140,6 +142,8 @@ class _Loaded:
     model_id: str
     revision: str
     precision: str = "float32"
+    #: bfloat16 copy of the LM head's weight (precision bfloat16, a head without bias), else None
+    head_bf16: Any = None
     memo: OrderedDict[bytes, np.ndarray] = field(default_factory=OrderedDict)
     users: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -244,8 +248,11 @@ class EmbeddedLMBackend(Backend):
                 if precision == "bfloat16":
                     from visa.backends.cpu_precision import bf16_linears
 
-                    bf16_linears(getattr(model, model.base_model_prefix))  # the body; the head stays float32
+                    bf16_linears(getattr(model, model.base_model_prefix))  # the body (the head: bf16_head_logprobs)
                 loaded = _SHARED[key] = _Loaded(model, tokenizer, model_id, revision, precision)
+                head = model.get_output_embeddings()
+                if precision == "bfloat16" and getattr(head, "bias", None) is None:
+                    loaded.head_bf16 = head.weight.detach().to(torch.bfloat16)
             loaded.users += 1
         self._key = key
         return loaded
@@ -565,6 +572,11 @@ class EmbeddedLMBackend(Backend):
         import torch
 
         head = self.model.get_output_embeddings()
+        head_bf16 = self._ready().head_bf16
+        if self._head_slicing and head_bf16 is not None:
+            from visa.backends.cpu_precision import bf16_head_logprobs
+
+            return bf16_head_logprobs(hidden[rows, cols], head.weight.detach(), head_bf16, tokens)
         if self._head_slicing:
             logits = head(hidden[rows, cols]).float()
         else:  # a model whose logits are not just head(hidden): run its own head path on everything
