@@ -460,6 +460,32 @@ def evaluate_run(pool_dir: Path, budgets: list[str], modes: dict[str, dict[str, 
     return rows
 
 
+def signal_aurocs(pools: list[Path], run_name: str, columns: list[str]) -> str:
+    """AUROC of clean against each degradation kind, per signal column, over the scored pools
+    (rated by :func:`visa.bench.noise.evaluate`, the rating `visa bench noise` prints)."""
+    import pyarrow.parquet as pq
+
+    from visa.bench.noise import DEGRADATIONS, evaluate, pool_kinds, rate_signal, rated, read_records
+
+    kinds = (*DEGRADATIONS, "misaligned", "text_only")
+    lines = ["| pool | signal | " + " | ".join(kinds) + " |", "|" + "---|" * (2 + len(kinds))]
+    for pool in pools:
+        report = evaluate(pool / run_name, pool / "pool" / "pool.json", None, "25%")
+        by_name = {row["signal"]: row for row in report["signals"]}
+        table = pq.read_table(pool / run_name / "scores.parquet")
+        for column in columns:
+            row = by_name.get(column)
+            if row is None and column in table.column_names:  # not a score (cluster_typicality): rated alike
+                kinds_of_rows = pool_kinds(table, read_records(pool / "pool" / "pool.json"))
+                values = rated(table.column(column).to_pylist())
+                row = rate_signal(column, values, kinds_of_rows, 1, "higher = cleaner", 0).as_dict()
+            if row is None:
+                continue
+            cells = [row["auroc"].get(k) for k in kinds]
+            lines.append(f"| {pool.name} | {column} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     families = list(rows[0]["coverage"]) if rows else []
     head = "| pool | budget | mode | selected | noise rate | min coverage | " + " | ".join(families) + " |"
@@ -493,7 +519,15 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--run", default="run", help="run folder inside each pool folder (default: run)")
     e.add_argument("--set", action="append", default=[], metavar="OPTION=JSON",
                    help="a selection option for every mode, e.g. --set cluster_im_floor=0 (repeatable)")
+    a = sub.add_parser("signals", help="AUROC per degradation kind of score columns (visa bench noise's rating)")
+    a.add_argument("pools", type=Path, nargs="+")
+    a.add_argument("--run", default="run")
+    a.add_argument("--columns", default="sc.pixel_correlation,sc.block_grid,sc.detail_scale,sc.jpeg_bits,"
+                   "sc.felzenszwalb,sc.ocr_text,sc,oa,dp,cluster_typicality")
     args = parser.parse_args(argv)
+    if args.command == "signals":
+        print(signal_aurocs(args.pools, args.run, args.columns.split(",")))
+        return 0
     if args.command == "union":
         path = union(args.out, args.pools, args.run)
         print(f"{path}: {len(json.loads(path.read_text(encoding='utf-8')))} samples; now score it into {args.out / 'run'}")
