@@ -277,3 +277,9 @@ def test_embedded_recipe_runs_the_visual_agents() -> None:
     assert columns["sc.felzenszwalb"] == "FelzenszwalbAgent"
     assert columns["sc.ocr_text"] == "OcrTextAgent"
     assert columns["oa.tagger"] == "TaggerAgent"
+    assert columns["sc.pixel_correlation"] == "PixelCorrelationAgent"
+    assert columns["sc.block_grid"] == "BlockGridAgent"
+    assert columns["sc.detail_scale"] == "DetailScaleAgent"
+    assert recipe.selection is not None
+    assert recipe.selection.image_gate == {"sc.pixel_correlation": 1.0, "sc.block_grid": -10.0}
+    assert recipe.clusters is not None and recipe.clusters.weights == [1.0, 3.0]
