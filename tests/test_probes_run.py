@@ -121,6 +121,34 @@ def test_fuse_scores_with_probe_value_weights_right_agents() -> None:
     assert "no probes" in no_probes["sc"]["warnings"][-1]
 
 
+def test_im_weights_are_played_on_the_other_image_chain() -> None:
+    """An IM agent that only notices a flat image (it reads that the image holds nothing) must not
+    outweigh one that tells a conversation's own image from another real image."""
+    rng = np.random.default_rng(1)
+    n, ladders = 200, 30
+    pool = pa.table({
+        "row": np.arange(n), "sample_id": [f"s{i}" for i in range(n)], "image_key": [f"k{i}" for i in range(n)],
+        "error_kind": pa.nulls(n, pa.string()),
+        "im.placement": rng.normal(0, 1, n), "im.flatness": rng.normal(0, 1, n),
+    })
+    kinds = [r.kind for r in IM_LADDER]  # own, other, flat
+    ladder = np.repeat(np.arange(ladders), len(kinds))
+    kind = np.array(kinds * ladders)
+    base = rng.normal(0, 1, ladders)[ladder]
+    placement = base + np.where(kind == "own", 1.0, 0.0) + rng.normal(0, 0.3, ladder.size)
+    flatness = base + np.where(kind == "flat", -5.0, 0.0) + rng.normal(0, 0.3, ladder.size)  # own ~ other
+    probes = pa.table({
+        "sample_id": [f"p{i}" for i in range(ladder.size)], "target": ["placement"] * ladder.size,
+        "ladder": ladder, "tier": [r.tier for r in IM_LADDER] * ladders,
+        "chain": [r.chain for r in IM_LADDER] * ladders,
+        "im.placement": placement, "im.flatness": flatness,
+    })
+    _, report = fuse_scores(pool, value="probes", probes=probes)
+    weights, found = report["im"]["weights"], report["im"]["probes"]
+    assert weights["im.placement"] > 0.9 > weights["im.flatness"]
+    assert found["probe_auroc"]["im.placement"] > 0.9 and abs(found["probe_auroc"]["im.flatness"] - 0.5) < 0.15
+
+
 def _photo_pool(folder: Path, photos: int = 12) -> Path:
     """Bundled photos (shrunk), two samples each, plus flat and noise images with their own samples."""
     from PIL import Image

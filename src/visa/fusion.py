@@ -403,12 +403,16 @@ def family_probes(
     probes: pa.Table | None, family: str, unit: str, agents: list[str]
 ) -> tuple[FamilyProbes | None, str | None]:
     """The family's probe rows from a run's probe table, or (None, the reason there are none)."""
+    from visa.probes.ladder import WEIGHT_CHAINS
     from visa.probes.value import FamilyProbes, ladder_pairs
 
     if probes is None:
         return None, "this run has no probes: consensus weights"
     target = probe_target(family, unit)
     rows = probes.filter(pc.equal(probes.column("target"), target))
+    if target in WEIGHT_CHAINS:  # the source rows (empty chain) and the chains that value the agents
+        chains = pa.array(["", *WEIGHT_CHAINS[target]])
+        rows = rows.filter(pc.is_in(pc.fill_null(rows.column("chain"), ""), value_set=chains))
     if rows.num_rows == 0:
         return None, f"no '{target}' probes in this run: consensus weights"
     columns = [

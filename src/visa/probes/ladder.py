@@ -28,7 +28,12 @@ radius 1/20, quality 2), so the probes are not the benchmark's answer key.
 
 Sample ladder for IM (``own`` 0; ``other`` 1, chain ``other``; ``flat`` 1, chain ``flat``): the
 sample's conversation on its own image, on another image of the pool (a different image key, drawn
-with a fixed seed) and on a flat grey image. Only ``own`` is compared with the two others.
+with a fixed seed) and on a flat grey image. Only ``own`` is compared with the two others. The IM
+agents' weights are played on the ``other`` chain alone (:data:`WEIGHT_CHAINS`): IM is how much an
+answer depends on *its* image, which the same conversation on another real image tests directly; a
+flat image tests whether any image is there at all, which an agent passes by reading that the
+image holds nothing (the evidence likelihood does, perfectly) and which the image stage already
+judges. The IM cut (:func:`visa.probes.calibrate.calibrate_im`) uses both wrong-image rungs.
 
 Sample ladder for PT (``answer`` 0; ``shuffled`` 1; ``replaced`` 1, own chains): the conversation as
 it is, with the words of every answer shuffled, and with every answer word replaced by a word drawn
@@ -48,6 +53,9 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from visa.samples import Turn
+
+#: per probe target, the chains whose rows play the agents' weight game (targets not listed: all)
+WEIGHT_CHAINS: dict[str, tuple[str, ...]] = {"placement": ("other",)}
 
 
 @dataclass(frozen=True)
