@@ -217,6 +217,7 @@ SELECT_HELP = {
     "seed": "seed of the calibration sample and of Monte Carlo Shapley",
     "clusters": "content clusters: 'auto' (the scores' clusters), 'off', or a column such as meta.task",
     "cluster_balance": "budget over clusters: 0 proportional to their pools, 1 equal",
+    "cluster_atypical": "each content cluster drops this fraction of its rows least typical of it",
 }
 #: What `visa select` uses when neither the option nor the recipe's ``selection:`` section sets a value
 #: (the defaults of :class:`visa.selection.SelectionOptions`; a test keeps the two in step).
@@ -225,7 +226,7 @@ SELECT_DEFAULTS = {
     "text_only": "keep", "im_min": "probes",
     "pt_tail": "0.02", "pt_blend": "0", "quota_field": "none", "quota_mode": "proportional", "quota_min": "1",
     "quota_max_share": "0.5", "dedupe": "dedupe", "max_per_image": "off", "calibration_size": "1000", "seed": "0",
-    "clusters": "auto", "cluster_balance": "0",
+    "clusters": "auto", "cluster_balance": "0", "cluster_atypical": "0.2",
 }
 
 
@@ -270,6 +271,7 @@ def select_cmd(
     max_per_image: Annotated[str | None, _opt("max_per_image")] = None,
     clusters: Annotated[str | None, _opt("clusters")] = None,
     cluster_balance: Annotated[float | None, _opt("cluster_balance")] = None,
+    cluster_atypical: Annotated[float | None, _opt("cluster_atypical")] = None,
     calibration_size: Annotated[int | None, _opt("calibration_size")] = None,
     seed: Annotated[int | None, _opt("seed")] = None,
     no_records: Annotated[
