@@ -12,10 +12,15 @@ that budget; that choice uses the labels, so it is an oracle the selection has t
 Settings (``--settings``; default all):
 
 * ``before``: the previous defaults, reproduced with today's options: consensus value, equal
-  stage-1 weights of sc/oa/dp, ``image_keep`` 0.5, ``im_min`` 0 on raw IM, and without the two
-  agents added with the probes (``sc.jpeg_bits``, ``oa.label_entropy``);
-* ``probes-old-agents``: the probe defaults without those two agents;
-* ``probes``: the probe defaults with every agent of the run.
+  stage-1 weights of sc/oa/dp, ``image_keep`` 0.5, ``im_min`` 0 on raw IM, no image gate and no
+  typicality cut, and without the agents added since (``sc.jpeg_bits``, ``oa.label_entropy``,
+  ``sc.pixel_correlation``, ``sc.block_grid``, ``sc.detail_scale``);
+* ``probes-old-agents``: the probe defaults without those agents (and without the gate, which
+  reads two of them);
+* ``probes``: the run's own defaults (its recipe's ``selection:`` section) with every agent.
+
+Every setting starts from the recipe's ``selection:`` section (as ``visa select`` does) and
+overrides what it names.
 
 A setting runs in a copy of the run folder (run.json's agent list trimmed when agents are left out;
 scores.parquet and the probes linked), so the scored run is never changed.
@@ -33,12 +38,14 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from visa.bench.noise import DEGRADATIONS, auroc, budget_count, pool_kinds, precision_at, rated, read_records
-from visa.selection import SelectionOptions, select
+from visa.selection import select
+from visa.selection.options import resolve_options
 
-NEW_AGENTS = ("sc.jpeg_bits", "oa.label_entropy")
+NEW_AGENTS = ("sc.jpeg_bits", "oa.label_entropy", "sc.pixel_correlation", "sc.block_grid", "sc.detail_scale")
+NO_GATE: dict[str, Any] = {"image_gate": {}, "cluster_atypical": 0.0}
 SETTINGS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
-    "before": ({"value": "consensus", "image_keep": 0.5, "im_min": 0.0}, NEW_AGENTS),
-    "probes-old-agents": ({}, NEW_AGENTS),
+    "before": ({"value": "consensus", "image_keep": 0.5, "im_min": 0.0, **NO_GATE}, NEW_AGENTS),
+    "probes-old-agents": ({"image_gate": {}}, NEW_AGENTS),
     "probes": ({}, ()),
 }
 VISUAL = ("sc", "oa", "dp")
@@ -80,8 +87,8 @@ def evaluate(run_dir: Path, pool: list[dict], setting: str, budget: str, seed: i
     kinds = pool_kinds(table, pool)
     with tempfile.TemporaryDirectory() as tmp:
         copy = _copy_run(run_dir, drop, Path(tmp) / "run")
-        result = select(copy, SelectionOptions(budget=budget, seed=seed, **options), write_records=False,
-                        update_run=False)
+        chosen = resolve_options(run, {"budget": budget, "seed": seed, **options})
+        result = select(copy, chosen, write_records=False, update_run=False)
         fused = _fused_columns(result, copy)
     k = budget_count(budget, table.num_rows)
     selected = np.asarray(result.table.column("selected").to_pylist(), dtype=bool)
@@ -115,7 +122,11 @@ def evaluate(run_dir: Path, pool: list[dict], setting: str, budget: str, seed: i
         "dropped": {k: v for k, v in result.summary.get("dropped", {}).items() if v},
     }
     visual_all = np.isin(kinds, degradations)
-    out["visual"]["all degraded"] = round(auroc(visual[kinds == "clean"], visual[visual_all]), 4)
+    clean = kinds == "clean"
+    out["visual"]["all degraded"] = round(auroc(visual[clean], visual[visual_all]), 4)
+    out["best_visual_agent"]["all degraded"] = max(
+        ((c, round(auroc(v[clean], v[visual_all]), 4)) for c, v in visual_agents.items()), key=lambda cv: cv[1]
+    )
     return out
 
 
