@@ -59,6 +59,13 @@ def test_probes_are_scored_stored_and_resumed(tmp_path: Path, monkeypatch: pytes
     assert again["probes"]["rows"] == section["rows"]
     assert pq.read_table(tmp_path / "run" / "probes" / "probes.parquet").equals(pq.read_table(pa.BufferReader(before)))
 
+    # other probe options make another probe set: it is scored, reusing every stored result
+    more = recipe.model_copy(update={"probes": ProbeOptions(minimum=13)})
+    third = score(more, data, tmp_path / "run")
+    assert third["probes"]["ladders"] == {"visual": 13, "placement": 13, "text": 0}
+    new_items = sum(int(x) for x in log.read_text().split()) - sum(int(x) for x in calls.split())
+    assert 0 < new_items <= len(IMAGE_LADDER) + len(IM_LADDER)  # one more ladder of each kind, at most
+
 
 def test_probes_can_be_switched_off(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "d", 4)

@@ -113,6 +113,13 @@ class WorkDir:
             return None if _opens_as_parquet(data) else "its sample file was damaged"
         return None if content_digest(data) == digest else "its sample file was damaged"
 
+    def reset_claim(self) -> None:
+        """Free the folder for another input: its claim and shards go, stored agent results stay (a
+        later run over new data reuses every result whose item and agent are unchanged)."""
+        (self.root / "state.json").unlink(missing_ok=True)
+        for path in self.samples_dir.glob("shard-*"):
+            path.unlink(missing_ok=True)
+
     def invalidate_shard(self, shard: int) -> None:
         """Forget that ``shard`` is done (its marker goes; it is redone by the next run)."""
         (self.samples_dir / f"{self._shard_name(shard)}.done").unlink(missing_ok=True)

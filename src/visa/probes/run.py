@@ -58,6 +58,7 @@ from visa.probes.ladder import (
 from visa.probes.options import ProbeOptions
 from visa.run_folder import RunFolder, atomic_write_table
 from visa.samples import Turn, normalize
+from visa.store import WorkDir, WorkDirMismatch
 
 if TYPE_CHECKING:
     from visa.readers import Input
@@ -95,13 +96,13 @@ def _calibration(table: pa.Table, seed: int, options: ProbeOptions) -> tuple[lis
     first: dict[str, int] = {}
     for row in eligible:
         first.setdefault(keys[row], int(row))
-    image_rows = sorted(first.values())
-    rng = np.random.default_rng(seed)
-    n_images = options.count(len(image_rows), options.max_images)
+    image_rows = np.array(sorted(first.values()), dtype=np.int64)
+    n_images = options.count(image_rows.size, options.max_images)
     n_samples = options.count(eligible.size, options.max_samples)
-    chosen_images = sorted(rng.choice(image_rows, n_images, replace=False).tolist()) if n_images else []
-    chosen_samples = sorted(rng.choice(eligible, n_samples, replace=False).tolist()) if n_samples else []
-    return [int(r) for r in chosen_images], [int(r) for r in chosen_samples]
+    # prefixes of two seeded permutations: more probes (other options) keep every earlier ladder
+    chosen_images = np.random.default_rng([seed, 0]).permutation(image_rows)[:n_images]
+    chosen_samples = np.random.default_rng([seed, 1]).permutation(eligible)[:n_samples]
+    return sorted(int(r) for r in chosen_images), sorted(int(r) for r in chosen_samples)
 
 
 def _load_rows(
@@ -267,7 +268,11 @@ def run_probes(
             continue
         data = folder / f"{label}_probes.jsonl"
         _write_if_changed(data, _jsonl(records))
-        record = score_part(part_recipe, data, folder / label, folder)
+        try:
+            record = score_part(part_recipe, data, folder / label, folder)
+        except WorkDirMismatch:  # other probe options than last time: a new probe set, stored results reused
+            WorkDir(folder / label).reset_claim()
+            record = score_part(part_recipe, data, folder / label, folder)
         parts.append(pq.read_table(RunFolder(folder / label).scores))
         del record
     probes = _probe_table(parts, plan.manifest)
