@@ -22,6 +22,11 @@ Run from the repository root, with the other version's ``src`` folder, e.g. the 
     git worktree add /tmp/visa-release bd62888      # or: git archive bd62888 | tar -x -C /tmp/visa-release
     .venv/bin/python benchmarks/embedded_speed.py --other-src /tmp/visa-release/src --pools examples large
 
+``--ours-recipe`` runs this checkout's arm with another recipe (the other arm always runs its own
+``embedded``): ``benchmarks/embedded_release_agents.yaml`` holds the agents the release ran, with this
+version's parameters and without the probes and content clusters that the release did not compute,
+so both arms do the same work.
+
 The embedded language model is converted once before the first arm (untimed), so neither arm pays for
 the one-time conversion. ``--order`` says which arm runs first on each pool (``alternate``: the other
 version first on the first pool, this checkout first on the next, ...), so drifting machine load does
@@ -101,10 +106,10 @@ def _variant(source: Path, target: Path, rng: random.Random) -> None:
 
 
 # -- one arm ----------------------------------------------------------------------------------------
-def run_arm(src: Path, data: Path, image_root: Path, out: Path) -> dict[str, Any]:
-    """``visa score --recipe embedded`` with the code in ``src``, in a child process; its costs and run.json."""
+def run_arm(src: Path, data: Path, image_root: Path, out: Path, recipe: str = "embedded") -> dict[str, Any]:
+    """``visa score --recipe <recipe>`` with the code in ``src``, in a child process; its costs and run.json."""
     env = {**os.environ, "PYTHONPATH": str(src)}
-    command = [sys.executable, "-m", "visa.cli", "score", "--recipe", "embedded", "--data", str(data),
+    command = [sys.executable, "-m", "visa.cli", "score", "--recipe", recipe, "--data", str(data),
                "--image-root", str(image_root), "--out", str(out)]
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
@@ -119,6 +124,7 @@ def run_arm(src: Path, data: Path, image_root: Path, out: Path) -> dict[str, Any
     cpu = usage.ru_utime + usage.ru_stime
     return {
         "src": str(src),
+        "recipe": recipe,
         "records": records,
         "unique_images": run["counts"]["unique_images"],
         "wall_s": round(wall, 2),
@@ -225,6 +231,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the large pool")
     parser.add_argument("--order", choices=["alternate", "other-first", "ours-first"], default="alternate")
     parser.add_argument("--out", type=Path, default=Path("/tmp/visa-embedded-speed"))
+    parser.add_argument("--ours-recipe", default="embedded",
+                        help="recipe of this checkout's arm (the other arm always runs its own 'embedded'), e.g. "
+                        "benchmarks/embedded_release_agents.yaml: the release's agents, no probes, no clusters")
     args = parser.parse_args()
     ours, other = ROOT / "src", args.other_src.resolve()
     if not (other / "visa" / "cli.py").is_file():
@@ -241,7 +250,9 @@ def main() -> None:
             root = data.parent
         other_first = args.order == "other-first" or (args.order == "alternate" and n % 2 == 0)
         arms = [("other", other), ("ours", ours)] if other_first else [("ours", ours), ("other", other)]
-        measured = {name: run_arm(src, data, root, args.out / f"{pool}-{name}") for name, src in arms}
+        recipes = {"ours": str(Path(args.ours_recipe).resolve()) if args.ours_recipe.endswith(".yaml")
+                   else args.ours_recipe, "other": "embedded"}
+        measured = {name: run_arm(src, data, root, args.out / f"{pool}-{name}", recipes[name]) for name, src in arms}
         a, b = measured["ours"], measured["other"]
         results["pools"][pool] = {
             "data": str(data),
