@@ -74,6 +74,24 @@ def _fused_columns(result: Any, run_dir: Path) -> dict[str, np.ndarray]:
     return {family: apply_fusion(table, report) for family, report in result.shapley.items()}
 
 
+def _pooled_visual(table: Any, fused: dict[str, np.ndarray], weights: dict[str, float] | None) -> np.ndarray:
+    """Stage 1's visual score without content clusters: the weighted mean of the fused visual
+    families' percentile ranks over the unique images (per row, NaN without an image)."""
+    from visa.fusion import renormalised_sum
+    from visa.selection.ranks import percentile_ranks
+
+    keys = table.column("image_key").to_pylist()
+    first: dict[str, int] = {}
+    for row, key in enumerate(keys):
+        if key is not None:
+            first.setdefault(key, row)
+    rows = np.array(list(first.values()), dtype=np.int64)
+    families = [f for f in (weights or {}) if f in fused and (weights or {})[f] > 0]
+    per_image = renormalised_sum([percentile_ranks(fused[f][rows]) for f in families], [weights[f] for f in families])
+    by_key = dict(zip(first, per_image, strict=True))
+    return np.array([by_key.get(k, np.nan) if k is not None else np.nan for k in keys], dtype=np.float64)
+
+
 def _rate(values: np.ndarray, kinds: np.ndarray, noisy: str | None = None) -> float:
     clean = kinds == "clean"
     other = ~clean if noisy is None else kinds == noisy
@@ -124,6 +142,10 @@ def evaluate(run_dir: Path, pool: list[dict], setting: str, budget: str, seed: i
     visual_all = np.isin(kinds, degradations)
     clean = kinds == "clean"
     out["visual"]["all degraded"] = round(auroc(visual[clean], visual[visual_all]), 4)
+    # the fused visual score itself (clusters rank images within their cluster, on purpose)
+    pooled = rated(_pooled_visual(table, fused, result.summary.get("visual_weights")))
+    out["visual_pooled"] = {d: round(_rate(pooled, kinds, d), 4) for d in degradations}
+    out["visual_pooled"]["all degraded"] = round(auroc(pooled[clean], pooled[visual_all]), 4)
     out["best_visual_agent"]["all degraded"] = max(
         ((c, round(auroc(v[clean], v[visual_all]), 4)) for c, v in visual_agents.items()), key=lambda cv: cv[1]
     )
