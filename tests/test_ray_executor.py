@@ -104,7 +104,9 @@ def one_thread(monkeypatch):
 
 
 def with_shard_size(recipe, size: int):
-    return recipe.model_copy(update={"execution": ExecutionSpec(shard_size=size)})
+    """``recipe`` in shards of ``size``, one thread per model on both executors (``auto`` would give
+    the local run every CPU of this machine, and Ray actors one thread each)."""
+    return recipe.model_copy(update={"execution": ExecutionSpec(shard_size=size, threads=1)})
 
 
 #: Bundled example records covering every case: an image seen again in a later shard, OCR text, two
