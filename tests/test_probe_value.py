@@ -119,3 +119,15 @@ def test_nulls_are_skipped_in_the_mean() -> None:
 def test_no_pairs_is_an_error() -> None:
     with pytest.raises(ProbeValueError):
         probe_weights(np.zeros((2, 1)), ladder_pairs([0, 1], [0, 0]), ["a"])
+
+
+def test_each_poorer_rung_counts_once() -> None:
+    # source > crop (chain "crop") > flat (the bottom, compared with both): the flat copy is the
+    # poorer row of two pairs, each weighing 1/2, so it counts as much as the crop
+    pairs = ladder_pairs([0, 0, 0], [0, 1, 3], ["", "crop", ""])
+    got = {(int(b), int(w)): float(x) for b, w, x in zip(pairs.better, pairs.worse, pairs.weight, strict=True)}
+    assert got == {(0, 1): 1.0, (0, 2): 0.5, (1, 2): 0.5}
+    assert ladder_pairs([0, 0, 0], [0, 1, 3], ["", "crop", ""], balanced=False).weight.tolist() == [1.0, 1.0, 1.0]
+    # an agent that only tells the flat copy apart orders half of the ladder's weight, not two thirds
+    flat_only = np.array([1.0, 1.0, 0.0])
+    assert concordance(flat_only, pairs) == pytest.approx(0.5 * 1.0 + 0.5 * 0.5)

@@ -103,7 +103,7 @@ def test_jpeg_bits_orders_the_ladder(photos: dict[str, Image.Image]) -> None:
     # two-sided: pure noise costs the most bits but scores low
     assert bpp[[k == "noise" for k in kinds]].min() > bpp[[k == "original" for k in kinds]].max()
     pairs = ladder_pairs(ladders, tiers, chains)
-    assert concordance(score, pairs) > 0.8
+    assert concordance(score, pairs) > 0.75  # each poorer rung once: crops (no fewer bits per pixel) included
     assert concordance(bpp, pairs) < concordance(score, pairs)  # one-sided is fooled by noise
 
 

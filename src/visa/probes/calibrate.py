@@ -137,7 +137,12 @@ def calibrate_visual(
     if user_weights:
         weights = {f: float(w) for f, w in user_weights.items() if f in families}
     else:
-        pairs = ladder_pairs(rows.column("ladder").to_numpy(), tiers, rows.column("chain").to_pylist())
+        # every pair counts once here (not balanced per poorer rung as for the agents of a family):
+        # measured on the photo pools of BENCHMARKS.md "Noise benchmark, probes", balanced family
+        # weights let more thumbnails and blurred copies through the cut (s0 at 25%: noise 0.200, not 0.133)
+        pairs = ladder_pairs(
+            rows.column("ladder").to_numpy(), tiers, rows.column("chain").to_pylist(), balanced=False
+        )
         report = probe_weights(np.column_stack(columns), pairs, families, bootstrap=bootstrap, seed=seed)
         weights = {f: float(report["weights"][f]) for f in families}
         result.weights, result.report = weights, report

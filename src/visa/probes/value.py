@@ -52,13 +52,16 @@ class ProbeValueError(ValueError):
 class ProbePairs:
     """The ordered pairs of a probe set: row ``better[i]`` should score above row ``worse[i]``.
 
-    ``ladder[i]`` is the ladder (0 .. ``n_ladders - 1``) both rows belong to.
+    ``ladder[i]`` is the ladder (0 .. ``n_ladders - 1``) both rows belong to; ``weight[i]`` is
+    1 / (the number of pairs with the same poorer row), so that every poorer rung of a ladder
+    counts once, however many richer rows it is compared with.
     """
 
     better: np.ndarray
     worse: np.ndarray
     ladder: np.ndarray
     n_ladders: int
+    weight: np.ndarray
 
     @property
     def size(self) -> int:
@@ -80,6 +83,8 @@ def ladder_pairs(
     ladders: Sequence[Any] | np.ndarray,
     tiers: Sequence[int] | np.ndarray,
     chains: Sequence[str] | np.ndarray | None = None,
+    *,
+    balanced: bool = True,
 ) -> ProbePairs:
     """The ordered pairs of rows of the same ladder whose tiers differ, the lower tier first.
 
@@ -87,7 +92,9 @@ def ladder_pairs(
     order partial: two rows are compared only when they are on the same chain or when either has
     the empty chain ``""`` (the source itself and the bottom of the ladder compare with everything),
     so that e.g. a crop is compared with a smaller crop but not with a blurred copy. Ladder ids are
-    renumbered 0 .. n-1 in order of first appearance.
+    renumbered 0 .. n-1 in order of first appearance. With ``balanced`` (default) each pair weighs
+    1 / (the pairs of its poorer row): a flat copy, below every other rung, would otherwise hold most
+    pairs of an image ladder and decide the game alone; without it every pair weighs 1.
     """
     ladders = np.asarray(ladders)
     tiers = np.asarray(tiers, dtype=np.int64)
@@ -108,7 +115,10 @@ def ladder_pairs(
         better.append(a[ok])
         worse.append(b[ok])
         owner.append(np.full(int(ok.sum()), code, dtype=np.int64))
-    return ProbePairs(_cat(better), _cat(worse), _cat(owner), int(first.size))
+    worse_rows = _cat(worse)
+    per_row = np.bincount(worse_rows, minlength=tiers.size).astype(np.float64)
+    weight = 1.0 / per_row[worse_rows] if balanced else np.ones(worse_rows.size)
+    return ProbePairs(_cat(better), worse_rows, _cat(owner), int(first.size), weight)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
@@ -145,8 +155,8 @@ def _ladder_sums(pair_scores: np.ndarray, pairs: ProbePairs) -> tuple[np.ndarray
     """Per coalition and ladder: the sum of pair scores, and the pair count per ladder."""
     sums = np.zeros((pair_scores.shape[0], pairs.n_ladders))
     for k in range(pair_scores.shape[0]):
-        sums[k] = np.bincount(pairs.ladder, weights=pair_scores[k], minlength=pairs.n_ladders)
-    counts = np.bincount(pairs.ladder, minlength=pairs.n_ladders).astype(np.float64)
+        sums[k] = np.bincount(pairs.ladder, weights=pair_scores[k] * pairs.weight, minlength=pairs.n_ladders)
+    counts = np.bincount(pairs.ladder, weights=pairs.weight, minlength=pairs.n_ladders)
     return sums, counts
 
 
@@ -324,4 +334,4 @@ def concordance(values: np.ndarray, pairs: ProbePairs) -> float:
     if pairs.size == 0:
         return float("nan")
     scores = _pair_scores(values[None, :], pairs)[0]
-    return float(scores.mean() / 2.0 + 0.5)
+    return float(np.average(scores, weights=pairs.weight) / 2.0 + 0.5)
