@@ -80,11 +80,17 @@ def test_split_recipe_keeps_what_sample_agents_read() -> None:
     image_part, sample_part = split_recipe(load_recipe("embedded"))
     assert image_part is not None and sample_part is not None
     assert set(image_part.scores) == {"image", "sc", "oa", "dp"}
-    assert {"pt", "im"} <= set(sample_part.scores)
+    assert "im" in sample_part.scores
+    assert "pt" not in sample_part.scores  # one PT agent: no text ladders, nothing for it to score
     assert "dp" not in sample_part.scores  # nothing reads the judge
     needed = {f"{s}.{a.name}" for s, spec in sample_part.scores.items() for a in spec.agents}
     assert "oa.tagger" in needed  # the language agents read its labels
     assert not image_part.probes.enabled and not sample_part.probes.enabled
+    recipe = load_recipe("embedded")
+    pt = recipe.scores["pt"]
+    second = pt.agents[0].model_copy(update={"name": "lm2"})
+    two = recipe.model_copy(update={"scores": {**recipe.scores, "pt": pt.model_copy(update={"agents": [*pt.agents, second]})}})
+    assert "pt" in split_recipe(two)[1].scores  # two PT agents: the text ladders need them
 
 
 def _probe_table(truth: np.ndarray, ladder: np.ndarray, tier: np.ndarray, agents: dict[str, np.ndarray]) -> pa.Table:

@@ -195,9 +195,16 @@ def _jsonl(records: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records).encode()
 
 
+def pt_probed(recipe: Recipe) -> bool:
+    """Whether the probes include text ladders: only when PT has two agents or more to weigh."""
+    return PT in recipe.scores and len(recipe.scores[PT].agents) >= 2
+
+
 def split_recipe(recipe: Recipe) -> tuple[Recipe | None, Recipe | None]:
     """The recipe's image-level scores, and its sample-level scores plus the image agents they read.
 
+    PT is left out of the sample part unless it has two agents or more: its probes are the text
+    ladders, built only then (:func:`pt_probed`), so its agents would score IM probes for nothing.
     Both have probes and content clusters disabled (a probe run never probes itself, and its rows are
     not a pool to cluster). None where a part would be empty.
     """
@@ -219,6 +226,8 @@ def split_recipe(recipe: Recipe) -> tuple[Recipe | None, Recipe | None]:
     image_part = {s: spec for s, spec in recipe.scores.items() if s in image_scores and s not in sample_scores}
     sample_part: dict[str, Any] = {}
     for score, spec in recipe.scores.items():
+        if score == PT and not pt_probed(recipe):
+            continue
         if score in sample_scores:
             sample_part[score] = spec
         else:
@@ -246,7 +255,7 @@ def run_probes(
     options: ProbeOptions = recipe.probes
     folder = RunFolder(run_dir).probes
     image_recipe, sample_recipe = split_recipe(recipe)
-    with_pt = sum(len(s.agents) for name, s in recipe.scores.items() if name == PT) >= 2
+    with_pt = pt_probed(recipe)
     image_rows, sample_rows = _calibration(table, options.seed, options)
     if image_recipe is None:
         image_rows = []
