@@ -384,12 +384,13 @@ def _probes(
     recipe: Recipe, run_dir: Path, table: Any, inp: Input, root: Path, workers: int, executor: Any,
     scoring_seconds: float,
 ) -> tuple[dict[str, Any] | None, Any]:
-    """Score the run's probes (when the recipe asks for them): the run.json section and the probe table.
+    """Score the run's probes (when the recipe asks for them and has a score family for them to
+    weigh or calibrate): the run.json section and the probe table.
 
     The section records the probes' own cost next to the pool's (``share`` = probe seconds over
     pool scoring plus probe seconds).
     """
-    if not recipe.probes.enabled or table.num_rows == 0:
+    if not recipe.probes.enabled or table.num_rows == 0 or not any(is_score(name) for name in recipe.scores):
         return None, None
     from visa.probes.run import read_probes, run_probes
 
