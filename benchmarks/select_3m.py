@@ -6,8 +6,10 @@ score families with two agents each (sc, oa, dp per image; pt, im per sample), a
 fields and a ``text_hash`` column. Generation runs once into ``--dir``; the selection is then timed in
 a fresh process (fusion + both stages + writing selection.parquet + updating run.json; the selected
 records themselves are not written) and its peak RSS is read from ``getrusage``. The table also has
-the content-cluster columns ``visa score`` writes (``cluster``: 64 clusters, ``cluster_distance``);
-each mode of ``MODES`` is measured in its own process, one after the other.
+the content-cluster columns ``visa score`` writes (``cluster``: 64 clusters, ``cluster_distance``,
+``cluster_typicality``) and two image guard fields (``sc.a.correlation``, ``sc.a.grid``, about 1% of
+images below the gate of the ``clusters+gate`` mode); each mode of ``MODES`` is measured in its own
+process, one after the other.
 
     PYTHONPATH=src .venv/bin/python benchmarks/select_3m.py --dir /tmp/visa_select_3m
 """
@@ -77,6 +79,12 @@ def generate(run_dir: Path, rows: int, images: int, seed: int = 0) -> None:
     unclustered = error | text_only
     cols["cluster"] = pa.array(cluster.astype(np.int32), pa.int32(), mask=unclustered)
     cols["cluster_distance"] = pa.array(rng.gamma(2.0, 0.5, rows), pa.float64(), mask=unclustered)
+    cols["cluster_typicality"] = pa.array(rng.uniform(-0.2, 1.0, rows), pa.float64(), mask=unclustered)
+    # two image guards per image (as the embedded recipe's gate reads): about 1% of images fail each
+    for field, low in (("correlation", 1.0), ("grid", -10.0)):
+        guard = (low + 5.0 + rng.normal(0, 2.0, images))[image]
+        guard[text_only] = np.nan
+        cols[f"sc.a.{field}"] = pa.array(guard, pa.float64(), mask=np.isnan(guard))
     pq.write_table(pa.table(cols), run_dir / "scores.parquet")
     run = {
         "input": {"path": str(run_dir / "data.jsonl"), "format": "jsonl"},
@@ -97,6 +105,7 @@ MODES = {
     "off": {"quota_field": "meta.source", "clusters": "off"},
     "clusters+quota": {"quota_field": "meta.source", "clusters": "auto"},
     "clusters": {"clusters": "auto"},
+    "clusters+gate": {"clusters": "auto", "image_gate": {"sc.a.correlation": 1.0, "sc.a.grid": -10.0}},
 }
 
 
@@ -137,7 +146,9 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(args.dir, args.budget, args.measure)))
         return
-    stale = (args.dir / "scores.parquet").is_file() and "cluster" not in pq.read_schema(args.dir / "scores.parquet").names
+    stale = (args.dir / "scores.parquet").is_file() and "cluster_typicality" not in pq.read_schema(
+        args.dir / "scores.parquet"
+    ).names
     if args.regenerate or stale or not (args.dir / "scores.parquet").is_file():
         t = time.perf_counter()
         generate(args.dir, args.rows, args.images)

@@ -198,9 +198,13 @@ def _samples_per_image(state: State, n_codes: int) -> np.ndarray:
     positions = np.flatnonzero(state.valid & state.has_image)
     codes, options = state.codes, state.options
     if options.dedupe and TEXT_HASH in state.names:
-        text = state.table.column(TEXT_HASH).take(pa.array(positions)).to_pylist()
-        distinct = {(int(codes[p]), t if t is not None else f"row{p}") for p, t in zip(positions, text, strict=True)}
-        counts = np.bincount(np.array([c for c, _ in distinct], dtype=np.int64), minlength=n_codes)
+        # distinct (image code, conversation) pairs, a null hash distinct from every other row
+        text = pc.dictionary_encode(state.table.column(TEXT_HASH).take(pa.array(positions))).combine_chunks()
+        ids = np.asarray(text.indices.fill_null(-1).to_numpy(), dtype=np.int64)
+        span = len(text.dictionary) + positions.size
+        ids = np.where(ids < 0, len(text.dictionary) + np.arange(positions.size), ids)
+        pairs = np.unique(codes[positions].astype(np.int64) * span + ids)
+        counts = np.bincount(pairs // span, minlength=n_codes)
     else:
         counts = np.bincount(codes[positions], minlength=n_codes)
     if options.max_per_image is not None:
@@ -208,8 +212,9 @@ def _samples_per_image(state: State, n_codes: int) -> np.ndarray:
     return counts
 
 
-def _kept_images(state: State, visual: np.ndarray, per_image: np.ndarray) -> int:
-    """How many unique images stage 1 keeps: a fixed fraction, or the probe cut with the budget's floor."""
+def _kept_images(state: State, visual: np.ndarray, image_codes: np.ndarray, n_codes: int) -> int:
+    """How many unique images stage 1 keeps: a fixed fraction, or the probe cut with the budget's
+    floor (``image_codes``: the code of each image of ``visual``)."""
     n_images, notes = visual.size, state.notes
     if state.options.image_keep != "probes":
         return half_up(state.options.image_keep * n_images)
@@ -218,6 +223,7 @@ def _kept_images(state: State, visual: np.ndarray, per_image: np.ndarray) -> int
         notes.append("no probe cut for the image stage: kept half of the unique images (image_keep 0.5)")
         return half_up(0.5 * n_images)
     above = images_above(visual, cut)
+    per_image = _samples_per_image(state, n_codes)[image_codes]
     floor = budget_floor(visual, per_image, state.options.budget_rows(state.n))
     if floor > above:
         notes.append(f"the probe cut keeps {above} of {n_images} images; the budget needs {floor}: kept {floor}")
@@ -244,9 +250,8 @@ def image_stage(state: State) -> None:
     weights = list(state.visual_weights.values())
     codes, has_image = state.codes, state.has_image
     n_codes = int(codes.max()) + 1
-    per_image = _samples_per_image(state, n_codes)[codes[image_rows]]
     visual_image = renormalised_sum([percentile_ranks(v) for v in values], weights)
-    count = _kept_images(state, visual_image, per_image)
+    count = _kept_images(state, visual_image, codes[image_rows], n_codes)
     if state.groups is None:
         kept = top(visual_image, state.rows[image_rows], count)
     else:
