@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from visa.agents.detail_scale import DetailScaleAgent, DetailScaleParams
 from visa.registry import agent_class
-
-IMAGES = Path(__file__).resolve().parent.parent / "examples" / "images"
-PHOTOS = sorted(p for p in IMAGES.iterdir() if p.suffix in {".jpg", ".png"})
-
-
-@pytest.fixture(scope="module")
-def photos() -> list[Image.Image]:
-    out = []
-    for p in PHOTOS:
-        with Image.open(p) as im:
-            out.append(im.convert("RGB"))
-    return out
 
 
 def thumbnail(image: Image.Image, side: int) -> Image.Image:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,19 +12,6 @@ from PIL import Image, ImageDraw, ImageFilter
 from visa.agents.block_grid import BlockGridAgent, BlockGridParams, grid_evidence, step_lines
 from visa.agents.pixel_correlation import PixelCorrelationAgent, central_crop, neighbour_correlation
 from visa.registry import agent_class
-
-IMAGES = Path(__file__).resolve().parent.parent / "examples" / "images"
-PHOTOS = sorted(p for p in IMAGES.iterdir() if p.suffix in {".jpg", ".png"})
-
-
-@pytest.fixture(scope="module")
-def photos() -> list[Image.Image]:
-    out = []
-    for p in PHOTOS:
-        with Image.open(p) as im:
-            out.append(im.convert("RGB"))
-    assert len(out) >= 15
-    return out
 
 
 def rendered() -> list[Image.Image]:
