@@ -77,19 +77,16 @@ def _fused_columns(result: Any, run_dir: Path) -> dict[str, np.ndarray]:
 def _pooled_visual(table: Any, fused: dict[str, np.ndarray], weights: dict[str, float] | None) -> np.ndarray:
     """Stage 1's visual score without content clusters: the weighted mean of the fused visual
     families' percentile ranks over the unique images (per row, NaN without an image)."""
-    from visa.fusion import renormalised_sum
+    from visa.fusion import image_codes, renormalised_sum, unique_image_rows
     from visa.selection.ranks import percentile_ranks
 
-    keys = table.column("image_key").to_pylist()
-    first: dict[str, int] = {}
-    for row, key in enumerate(keys):
-        if key is not None:
-            first.setdefault(key, row)
-    rows = np.array(list(first.values()), dtype=np.int64)
+    codes = image_codes(table)
+    rows = unique_image_rows(table, np.ones(table.num_rows, dtype=bool), codes)
     families = [f for f in (weights or {}) if f in fused and (weights or {})[f] > 0]
     per_image = renormalised_sum([percentile_ranks(fused[f][rows]) for f in families], [weights[f] for f in families])
-    by_key = dict(zip(first, per_image, strict=True))
-    return np.array([by_key.get(k, np.nan) if k is not None else np.nan for k in keys], dtype=np.float64)
+    by_code = np.full(int(codes.max()) + 1 if codes.size else 0, np.nan)
+    by_code[codes[rows]] = per_image
+    return np.where(codes >= 0, by_code[np.maximum(codes, 0)], np.nan)
 
 
 def _rate(values: np.ndarray, kinds: np.ndarray, noisy: str | None = None) -> float:
