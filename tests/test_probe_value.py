@@ -131,3 +131,34 @@ def test_each_poorer_rung_counts_once() -> None:
     # an agent that only tells the flat copy apart orders half of the ladder's weight, not two thirds
     flat_only = np.array([1.0, 1.0, 0.0])
     assert concordance(flat_only, pairs) == pytest.approx(0.5 * 1.0 + 0.5 * 0.5)
+
+
+def test_pairs_across_ladders() -> None:
+    # rows 1 and 3 are degraded copies: each is also below the source of the other ladder
+    pairs = ladder_pairs([0, 0, 1, 1, 1], [0, 1, 0, 1, 2], ["", "x", "", "x", "crop"], across=[0, 1, 0, 1, 0])
+    got = {(int(b), int(w)): int(o) for b, w, o in zip(pairs.better, pairs.worse, pairs.ladder, strict=True)}
+    # within: (0,1), (2,3), (2,4); across: source 2 above row 1 (owned by row 1's ladder 0), source 0 above row 3
+    assert got == {(0, 1): 0, (2, 3): 1, (2, 4): 1, (2, 1): 0, (0, 3): 1}
+    with pytest.raises(ProbeValueError):
+        ladder_pairs([0, 0], [0, 1], across=[True])
+
+
+def test_pairs_across_ladders_value_a_score_over_the_whole_pool() -> None:
+    # "own" orders every ladder perfectly, but its level shifts from image to image, so a degraded
+    # copy of one image often outranks another image; "pooled" misorders some rungs of a ladder but
+    # keeps every source above the degraded copies of any image. Within ladders alone the first
+    # looks better; with the pairs across ladders the second does, as ranking a pool needs.
+    rng = np.random.default_rng(3)
+    n, tiers = 30, 4
+    ladder = np.repeat(np.arange(n), tiers)
+    tier = np.tile(np.arange(tiers), n)
+    own = rng.normal(0, 3, n)[ladder] - tier
+    pooled = -2.0 * tier + rng.normal(0, 1.2, tier.size)
+    z = _z([own, pooled])
+    within = probe_weights(z, ladder_pairs(ladder, tier, balanced=False), ["own", "pooled"], bootstrap=0)
+    assert within["probe_auroc"]["own"] == pytest.approx(1.0)
+    assert within["weights"]["own"] > within["weights"]["pooled"]
+    across = ladder_pairs(ladder, tier, balanced=False, across=tier > 0)
+    both = probe_weights(z, across, ["own", "pooled"], bootstrap=0)
+    assert both["weights"]["pooled"] > both["weights"]["own"]
+    assert concordance(pooled, across) > concordance(own, across)

@@ -78,6 +78,10 @@ IMAGE_LADDER: tuple[Rung, ...] = (
     Rung("flat", 3),
     Rung("noise", 3),
 )
+#: Image rungs that are degraded copies of their source (every rung but the crops, which are
+#: ordinary images with less in them): the stage-1 family game also compares these with the sources
+#: of other images (:func:`visa.probes.calibrate.calibrate_visual`).
+DEGRADED_KINDS: tuple[str, ...] = tuple(r.kind for r in IMAGE_LADDER if r.tier > 0 and r.chain != "crop")
 IM_LADDER: tuple[Rung, ...] = (Rung("own", 0), Rung("other", 1, "other"), Rung("flat", 1, "flat"))
 PT_LADDER: tuple[Rung, ...] = (Rung("answer", 0), Rung("shuffled", 1, "shuffled"), Rung("replaced", 1, "replaced"))
 

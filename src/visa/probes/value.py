@@ -85,6 +85,7 @@ def ladder_pairs(
     chains: Sequence[str] | np.ndarray | None = None,
     *,
     balanced: bool = True,
+    across: Sequence[bool] | np.ndarray | None = None,
 ) -> ProbePairs:
     """The ordered pairs of rows of the same ladder whose tiers differ, the lower tier first.
 
@@ -95,6 +96,11 @@ def ladder_pairs(
     renumbered 0 .. n-1 in order of first appearance. With ``balanced`` (default) each pair weighs
     1 / (the pairs of its poorer row): a flat copy, below every other rung, would otherwise hold most
     pairs of an image ladder and decide the game alone; without it every pair weighs 1.
+
+    ``across`` (optional, one flag per row) adds pairs that cross ladders: every flagged row is
+    also the poorer row of a pair with the source (tier 0) of every *other* ladder. A score that
+    ranks a whole pool must put any source above another image's degraded copy, not only above its
+    own; such a pair belongs to the poorer row's ladder (for the bootstrap).
     """
     ladders = np.asarray(ladders)
     tiers = np.asarray(tiers, dtype=np.int64)
@@ -115,6 +121,16 @@ def ladder_pairs(
         better.append(a[ok])
         worse.append(b[ok])
         owner.append(np.full(int(ok.sum()), code, dtype=np.int64))
+    if across is not None:
+        flagged = np.asarray(across, dtype=bool)
+        if flagged.shape != tiers.shape:
+            raise ProbeValueError("one 'across' flag per row is needed")
+        sources = np.flatnonzero(tiers == 0)
+        for row in np.flatnonzero(flagged & (tiers > 0)):
+            others = sources[codes[sources] != codes[row]]
+            better.append(others)
+            worse.append(np.full(others.size, row, dtype=np.int64))
+            owner.append(np.full(others.size, codes[row], dtype=np.int64))
     worse_rows = _cat(worse)
     per_row = np.bincount(worse_rows, minlength=tiers.size).astype(np.float64)
     weight = 1.0 / per_row[worse_rows] if balanced else np.ones(worse_rows.size)
