@@ -52,6 +52,9 @@ SUBSET_PARQUET = "selected.parquet"
 SUBSET_FOLDER = "selected"
 SUBSET_NAMES = (SUBSET_JSON, SUBSET_JSONL, SUBSET_PARQUET, SUBSET_FOLDER)
 PROBES = "probes"
+#: inside ``probes/``: the probe table, the probe images, and one input file and sub-run per part
+PROBE_TABLE = "probes.parquet"
+PROBE_IMAGES = "images"
 
 #: The layout of run.json this release writes; a record without the key is a layout-1 record.
 RECORD_VERSION = 1
@@ -369,6 +372,37 @@ def parse_record(raw: Any, path: Path) -> RunRecord:
 # ---------------------------------------------------------------------------------------------
 # The folder
 # ---------------------------------------------------------------------------------------------
+class ProbeFolder:
+    """``RUN_DIR/probes``: the probes of a run (:mod:`visa.probes.run`)::
+
+        images/<name>.png        every probe image
+        <part>_probes.jsonl      the input of one part ("image", "sample")
+        <part>/                  that part's own run folder
+        probes.parquet           every probe row with its scores
+    """
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    @property
+    def table(self) -> Path:
+        return self.path / PROBE_TABLE
+
+    @property
+    def images(self) -> Path:
+        return self.path / PROBE_IMAGES
+
+    def image(self, name: str) -> str:
+        """The path of probe image ``name`` as records give it (relative to this folder)."""
+        return f"{PROBE_IMAGES}/{name}.png"
+
+    def data(self, part: str) -> Path:
+        return self.path / f"{part}_probes.jsonl"
+
+    def part(self, part: str) -> RunFolder:
+        return RunFolder(self.path / part)
+
+
 class RunFolder:
     """Every path of one run folder, and reading and writing its record."""
 
@@ -403,8 +437,8 @@ class RunFolder:
         return self.path / WORK
 
     @property
-    def probes(self) -> Path:
-        return self.path / PROBES
+    def probes(self) -> ProbeFolder:
+        return ProbeFolder(self.path / PROBES)
 
     # -- checks ----------------------------------------------------------------------------------
     def require_dir(self) -> None:

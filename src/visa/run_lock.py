@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-LOCK_NAME = ".lock"
+from visa.run_folder import LOCK
 
 
 class RunFolderBusy(RuntimeError):
@@ -37,7 +37,7 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / LOCK_NAME
+        path = self.run_dir / LOCK
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
             try:
@@ -67,7 +67,7 @@ class RunLock:
         if self._fd is not None:
             # remove the file while still holding it, so the folder keeps no trace of a finished
             # command; a waiter that locked the removed file sees that and locks a new one
-            (self.run_dir / LOCK_NAME).unlink(missing_ok=True)
+            (self.run_dir / LOCK).unlink(missing_ok=True)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

@@ -56,7 +56,7 @@ from visa.probes.ladder import (
     shuffle_answers,
 )
 from visa.probes.options import ProbeOptions
-from visa.run_folder import RunFolder, atomic_write_table
+from visa.run_folder import ProbeFolder, RunFolder, atomic_write_table
 from visa.samples import Turn, normalize
 from visa.store import WorkDir, WorkDirMismatch
 
@@ -64,7 +64,6 @@ if TYPE_CHECKING:
     from visa.readers import Input
     from visa.recipe import Recipe
 
-PROBES_FILE = "probes.parquet"
 #: Probe targets (the ``target`` column): image ladders, samples placed on other images, garbled text.
 VISUAL, PLACEMENT, TEXT = "visual", "placement", "text"
 
@@ -72,15 +71,15 @@ VISUAL, PLACEMENT, TEXT = "visual", "placement", "text"
 @dataclass
 class _Plan:
     """What to write: records per part and the manifest rows (sample id -> probe fields). Probe
-    images are written as they are made (``folder/images/<name>.png``), never held all at once."""
+    images are written as they are made (see :class:`visa.run_folder.ProbeFolder`), never held all at once."""
 
-    folder: Path
+    folder: ProbeFolder
     image_records: list[dict[str, Any]] = field(default_factory=list)
     sample_records: list[dict[str, Any]] = field(default_factory=list)
     manifest: list[dict[str, Any]] = field(default_factory=list)
 
     def add_image(self, name: str, image: Image.Image) -> None:
-        _write_if_changed(self.folder / "images" / f"{name}.png", _png(image))
+        _write_if_changed(self.folder.path / self.folder.image(name), _png(image))
 
 
 def _conversation(turns: Sequence[Turn]) -> list[dict[str, str]]:
@@ -137,7 +136,7 @@ def _add_image_ladders(plan: _Plan, loaded: dict, rows: list[int]) -> None:
             name = f"image-{j:03d}-{rung.kind}"
             plan.add_image(name, degrade(image, rung.kind, key))
             plan.image_records.append(
-                {"id": name, "image": f"images/{name}.png", "conversations": _conversation(turns)}
+                {"id": name, "image": plan.folder.image(name), "conversations": _conversation(turns)}
             )
             plan.manifest.append(_entry(name, VISUAL, j, rung))
 
@@ -162,7 +161,7 @@ def _add_sample_ladders(plan: _Plan, loaded: dict, rows: list[int], with_pt: boo
         for rung, image_name, conversation, target in placements:
             name = f"{target}-{j:03d}-{rung.kind}"
             plan.sample_records.append(
-                {"id": name, "image": f"images/{image_name}.png", "conversations": _conversation(conversation)}
+                {"id": name, "image": plan.folder.image(image_name), "conversations": _conversation(conversation)}
             )
             plan.manifest.append(_entry(name, target, j, rung))
         if with_pt:  # the text ladder's top rung is the placement ladder's ``own`` row
@@ -275,21 +274,21 @@ def run_probes(
     ):
         if not records or part_recipe is None:
             continue
-        data = folder / f"{label}_probes.jsonl"
+        data, part = folder.data(label), folder.part(label)
         _write_if_changed(data, _jsonl(records))
         try:
-            record = score_part(part_recipe, data, folder / label, folder)
+            record = score_part(part_recipe, data, part.path, folder.path)
         except WorkDirMismatch:  # other probe options than last time: a new probe set, stored results reused
-            WorkDir(folder / label).reset_claim()
-            record = score_part(part_recipe, data, folder / label, folder)
-        parts.append(pq.read_table(RunFolder(folder / label).scores))
+            WorkDir(part.path).reset_claim()
+            record = score_part(part_recipe, data, part.path, folder.path)
+        parts.append(pq.read_table(part.scores))
         del record
     probes = _probe_table(parts, plan.manifest)
-    atomic_write_table(folder / PROBES_FILE, probes)
+    atomic_write_table(folder.table, probes)
     seconds = time.perf_counter() - started
     counts = {t: len({m["ladder"] for m in plan.manifest if m["target"] == t}) for t in (VISUAL, PLACEMENT, TEXT)}
     return {
-        "path": str(folder / PROBES_FILE),
+        "path": str(folder.table),
         "ladders": counts,
         "rows": probes.num_rows,
         "seconds": round(seconds, 3),
@@ -319,7 +318,7 @@ def _probe_table(parts: list[pa.Table], manifest: list[dict[str, Any]]) -> pa.Ta
 
 def read_probes(run_dir: Path | str) -> pa.Table | None:
     """``RUN_DIR/probes/probes.parquet``, or None when the run has no probes."""
-    path = RunFolder(run_dir).probes / PROBES_FILE
+    path = RunFolder(run_dir).probes.table
     if not path.is_file():
         return None
     return pq.read_table(path)
