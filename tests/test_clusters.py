@@ -54,6 +54,20 @@ def test_recovers_groups_and_picks_their_number():
         assert row == members[np.argmin(distance[members])]
 
 
+def test_centres_are_kept_in_cluster_id_order():
+    image, _ = _groups(300, 4, 12, seed=5)
+    table = pa.table({"row": np.arange(300), "img": _list_column(image)})
+    out, summary = add_clusters(table, ClusterSpec(embeddings=["img"], k=4, dims=64))  # no PCA: 12 dims
+    centres = np.asarray(summary["centres"])
+    assert centres.shape == (4, 12)
+    unit = image / np.linalg.norm(image, axis=1, keepdims=True)
+    ids = _ids(out)
+    # every row is nearest to the centre of its own cluster, at the distance recorded for it
+    assert (np.linalg.norm(unit[:, None, :] - centres[None], axis=2).argmin(axis=1) == ids).all()
+    gaps = np.linalg.norm(unit - centres[ids], axis=1)
+    assert np.allclose(gaps, np.asarray(out.column("cluster_distance")), atol=1e-4)
+
+
 def test_weights_decide_which_embedding_groups_the_rows():
     image, by_image = _groups(300, 3, 12, seed=2)
     text, by_text = _groups(300, 4, 12, seed=3)

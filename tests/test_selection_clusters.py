@@ -155,3 +155,61 @@ def test_im_floor_keeps_a_family_the_im_agents_cannot_read():
     assert digits["selected"] == digits["target"] > 0
     kept = np.asarray(spared.column("selected"))
     assert noisy[kept & blind].mean() < noisy[blind].mean()  # within the family, IM still ranks
+
+
+def test_merge_clusters_joins_neighbours():
+    from visa.selection.crops import merge_clusters
+
+    centres = np.array([[0, 0], [0.2, 0], [0, 0.3], [10, 10], [10.1, 10], [9.8, 10.2], [0.1, 0.1]], dtype=float)
+    counts = np.array([5, 4, 3, 6, 2, 2, 0])  # the last cluster has no rows: it joins its nearest
+    groups = merge_clusters(centres, counts, 2)
+    assert len(set(groups[:3])) == 1 and len(set(groups[3:6])) == 1 and groups[0] != groups[3]
+    assert groups[6] == groups[0]
+    assert list(merge_clusters(centres, counts, 6)[:6]) == [0, 1, 2, 3, 4, 5]  # enough groups: none merged
+
+
+def _many_small_clusters(seed: int) -> tuple[pa.Table, np.ndarray, list[list[float]]]:
+    """Four task families of 60 samples each, split into content clusters of different sizes: six
+    of 10 (a varied kind such as photos), one of 60, two of 30, three of 20. Each family's
+    clusters sit near each other (the centres)."""
+    rng = np.random.default_rng(seed)
+    sizes = [10] * 6 + [60] + [30] * 2 + [20] * 3
+    kind = np.repeat([0, 1, 2, 3], [6, 1, 2, 3])
+    cluster = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
+    family = kind[cluster]
+    n = cluster.size
+    centres = [[10.0 * k + rng.normal(0, 0.5), -10.0 * k + rng.normal(0, 0.5)] for k in kind]
+    table = pa.table({
+        "row": pa.array(np.arange(n), pa.int64()),
+        "sample_id": pa.array([f"s{i}" for i in range(n)]),
+        "image_key": pa.array([f"img{i}" for i in range(n)]),
+        "error_kind": pa.nulls(n, pa.string()),
+        "cluster": pa.array(cluster, pa.int32()),
+        "cluster_distance": pa.array(rng.random(n)),
+        "sc": pa.array(rng.normal(size=n)),
+        "im": pa.array(rng.normal(1.0, 0.3, n)),
+    })
+    return table, family, centres
+
+
+def test_a_budget_below_the_number_of_clusters_reaches_every_kind():
+    table, family, centres = _many_small_clusters(0)
+    options = SelectionOptions(budget=4, image_keep=1.0, im_min=None, pt_tail=0, cluster_atypical=0.0)
+    plain, _ = select_table(table, options)
+    merged, summary = select_table(table, options, cluster_centres=centres)
+    # largest remainders over 12 clusters: the 60-cluster, both 30s and a 20; the varied kind gets none
+    assert sorted(family[np.asarray(plain.column("selected"))]) == [1, 2, 2, 3]
+    # over 4 groups of neighbouring clusters every family gets its slot
+    assert sorted(family[np.asarray(merged.column("selected"))]) == [0, 1, 2, 3]
+    report = summary["clusters"]
+    assert report["merged_targets"] == [1, 1, 1, 1] and "groups of neighbouring clusters" in report["budget"]
+    assert {g["group"] for g in report["groups"]} == {0, 1, 2, 3}
+    from visa.report.build import _cluster_rows
+
+    shown = {row["cluster"]: row["target"] for row in _cluster_rows(report)}
+    group_of = {g["cluster"]: g["group"] for g in report["groups"]}
+    assert shown == {c: f"group {g}: 1" for c, g in group_of.items()}  # the report shows the shared target
+    assert any("spread over 4 groups" in note for note in summary["notes"])
+    # a budget of at least the number of clusters is spread over the clusters themselves
+    _, large = select_table(table, options.model_copy(update={"budget": 24}), cluster_centres=centres)
+    assert large["clusters"]["merged_targets"] is None and all(g["target"] is not None for g in large["clusters"]["groups"])

@@ -39,6 +39,9 @@ How (all steps seeded, so the same table and recipe give the same clusters):
 7. **Typicality.** Each cluster's mean ``typicality`` vector (L2-normalised rows) over the fit
    sample's rows of that cluster; every row's cosine to its cluster's mean is computed with the
    assignment, chunk by chunk.
+8. **Centres kept.** run.json keeps every cluster's centre in the reduced space (``clusters.centres``,
+   in cluster id order): a selection whose budget is smaller than k spreads it over groups of
+   neighbouring clusters (:func:`visa.selection.crops.merge_clusters`).
 
 The BLAS/OpenMP pools run ``threads`` threads (default 1): k-means on these small matrices spends
 more CPU waking threads than computing when the cores are busy (measured on a loaded 2-core
@@ -309,6 +312,7 @@ def fit_clusterer(sample: np.ndarray, spec: ClusterSpec) -> ContentClusterer:
     order = np.lexsort((np.arange(k), -sizes))  # largest first, ties by centre index
     relabel = np.empty(k, dtype=np.int64)
     relabel[order] = np.arange(k)
+    report["centres"] = np.asarray(model.cluster_centers_, dtype=np.float64)[order]
     return ContentClusterer(pca, model, relabel, report)
 
 
@@ -391,6 +395,8 @@ def cluster_summary(ids: np.ndarray, distance: np.ndarray, present: np.ndarray, 
     """What run.json records about the clusters: settings, the choice of k, sizes, typical rows."""
     report = dict(clusterer.report) if clusterer is not None else {"k": 0}
     report.pop("centre", None)
+    if "centres" in report:  # cluster id order; the selection merges neighbours when its budget is below k
+        report["centres"] = np.round(report["centres"], 5).tolist()
     k = int(report["k"])
     sizes = np.bincount(ids[present], minlength=k) if k else np.zeros(0, dtype=np.int64)
     typical = typical_rows(ids, distance, present, k)

@@ -223,8 +223,8 @@ class Timings(_Section):
 
 class ClusterRecord(_Section):
     """The content clusters `visa score` computed (``clusters``; see :mod:`visa.clusters`): the
-    embeddings clustered, the k chosen (and each tried k's silhouette), sizes largest first and each
-    cluster's most typical row."""
+    embeddings clustered, the k chosen (and each tried k's silhouette), sizes largest first, each
+    cluster's most typical row and its centre."""
 
     embeddings: list[str] = Field(default_factory=list)
     k: int | None = None
@@ -232,6 +232,8 @@ class ClusterRecord(_Section):
     silhouette: dict[str, float] = Field(default_factory=dict)
     sizes: list[int] = Field(default_factory=list)
     typical_rows: list[int | None] = Field(default_factory=list)
+    #: each cluster's centre in the reduced space, in cluster id order (absent before this field existed)
+    centres: list[list[float]] = Field(default_factory=list)
 
 
 class ProbeFusion(_Section):

@@ -747,10 +747,16 @@ class _Builder:
 def _cluster_rows(report: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     """One formatted row per content cluster of the selection summary (largest pools first)."""
     rows = []
+    merged = (report or {}).get("merged_targets")
+    merged = merged if isinstance(merged, list) else None
     for group in (report or {}).get("groups", [])[:100]:
         if not isinstance(group, Mapping):
             continue
         example = group.get("example") if isinstance(group.get("example"), Mapping) else {}
+        target = fmt_int(group.get("target")) if group.get("target") is not None else "–"
+        shared = group.get("group")
+        if merged is not None and isinstance(shared, int) and 0 <= shared < len(merged):
+            target = f"group {shared}: {fmt_int(merged[shared])}"  # a budget below the number of clusters
         images, kept = group.get("images"), group.get("images_kept")
         rows.append({
             "cluster": str(group.get("cluster")),
@@ -758,7 +764,7 @@ def _cluster_rows(report: Mapping[str, Any] | None) -> list[dict[str, Any]]:
             "pool_share": fmt(group.get("pool_share")),
             "images": f"{fmt_int(kept)} of {fmt_int(images)}" if images is not None else "–",
             "survived": fmt_int(group.get("survived_filters")),
-            "target": fmt_int(group.get("target")) if group.get("target") is not None else "–",
+            "target": target,
             "selected": fmt_int(group.get("selected")),
             "selected_share": fmt(group.get("selected_share")),
             "example_row": example.get("row") if isinstance(example.get("row"), int) else None,

@@ -134,6 +134,26 @@ def spread_budget(pool_counts: np.ndarray, budget: int, balance: float) -> np.nd
     return target
 
 
+def merge_clusters(centres: np.ndarray, counts: np.ndarray, groups: int) -> np.ndarray:
+    """A group id (0 .. ``groups`` - 1) per cluster: the clusters that have rows (``counts`` > 0)
+    joined bottom-up by Ward's linkage on their ``centres`` (clusters x dims) until ``groups``
+    remain; a cluster without rows joins the group of the nearest cluster that has some."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    centres = np.asarray(centres, dtype=np.float64)
+    present = np.flatnonzero(np.asarray(counts) > 0)
+    out = np.zeros(centres.shape[0], dtype=np.int64)
+    if present.size <= groups:
+        out[present] = np.arange(present.size)
+    else:
+        out[present] = AgglomerativeClustering(n_clusters=groups, linkage="ward").fit_predict(centres[present])
+    absent = np.setdiff1d(np.arange(centres.shape[0]), present)
+    if absent.size and present.size:
+        gaps = np.linalg.norm(centres[absent, None, :] - centres[None, present, :], axis=2)
+        out[absent] = out[present[gaps.argmin(axis=1)]]
+    return out
+
+
 def fill_targets(groups: np.ndarray, targets: np.ndarray, budget: int) -> np.ndarray:
     """Which of the ranked survivors (best first; cluster code per survivor) fill the budget: first
     each cluster's best ``target`` survivors, then the best of the rest, up to ``budget``."""
@@ -255,16 +275,48 @@ def atypical_stage(state: State) -> None:
 
 
 def cluster_budget(state: State, budget: int) -> None:
-    """Fill the budget cluster by cluster (targets from :func:`spread_budget`)."""
+    """Fill the budget cluster by cluster (targets from :func:`spread_budget`). When the budget
+    is smaller than the number of clusters that claim a share and the run kept the clusters'
+    centres, the clusters are first merged into ``budget`` groups of neighbours
+    (:func:`merge_clusters`) and the budget is spread over those groups: largest remainders over
+    more clusters than slots would hand every slot to the largest clusters."""
     ranked = state.ranked
     n_groups = len(state.group_values)
     pool_counts = np.bincount(state.groups[share_rows(state)], minlength=n_groups)
+    centres = _centres(state)
+    level = state.groups
+    claiming = int(np.count_nonzero(pool_counts))
+    if centres is not None and 0 < budget < claiming:
+        state.cluster_merged = merge_clusters(centres, pool_counts, budget)
+        level = state.cluster_merged[state.groups]
+        pool_counts = np.bincount(state.cluster_merged, weights=pool_counts, minlength=budget).astype(np.int64)
+        state.notes.append(
+            f"the budget ({budget}) is smaller than the {claiming} clusters that claim a share: "
+            f"it is spread over {budget} groups of neighbouring clusters"
+        )
     state.cluster_targets = spread_budget(pool_counts, budget, state.options.cluster_balance)
-    take = fill_targets(state.groups[ranked], state.cluster_targets, budget)
+    take = fill_targets(level[ranked], state.cluster_targets, budget)
     state.chosen = ranked[take]
     beyond = np.arange(ranked.size) >= budget
     state.reason[ranked[~take & ~beyond]] = _code("quota")
     state.reason[ranked[~take & beyond]] = _code("budget")
+
+
+def _centres(state: State) -> np.ndarray | None:
+    """The centres of the table's content clusters in group order (None unless the groups are
+    the ``cluster`` column's ids and the run kept a centre for each)."""
+    from visa.clusters import CLUSTER_COLUMN
+
+    if state.cluster_centres is None or state.cluster_column != CLUSTER_COLUMN:
+        return None
+    centres = np.asarray(state.cluster_centres, dtype=np.float64)
+    ids = np.asarray(
+        [int(v) if isinstance(v, int | np.integer) and not isinstance(v, bool) else -1 for v in state.group_values],
+        dtype=np.int64,
+    )
+    if centres.ndim != 2 or not centres.shape[1] or ids.min(initial=0) < 0 or ids.max(initial=-1) >= len(centres):
+        return None
+    return centres[ids]
 
 
 def _code(reason: str) -> int:
@@ -314,6 +366,7 @@ def cluster_report(state: State) -> dict[str, Any] | None:
     sample_ids = state.table.column("sample_id")
     total_pool, total_selected = max(int(pool.sum()), 1), max(int(selected.sum()), 1)
     spread = state.options.quota_field is None and state.cluster_targets is not None
+    merged = state.cluster_merged
     groups = []
     for g in np.lexsort((np.arange(n_groups), -pool))[:REPORTED_GROUPS]:
         entry: dict[str, Any] = {
@@ -323,10 +376,12 @@ def cluster_report(state: State) -> dict[str, Any] | None:
             "images": int(state.cluster_images[g]) if state.cluster_images is not None else None,
             "images_kept": int(state.cluster_kept_images[g]) if state.cluster_kept_images is not None else None,
             "survived_filters": int(survived[g]),
-            "target": int(state.cluster_targets[g]) if spread else None,
+            "target": int(state.cluster_targets[g]) if spread and merged is None else None,
             "selected": int(selected[g]),
             "selected_share": round(selected[g] / total_selected, 4),
         }
+        if merged is not None:
+            entry["group"] = int(merged[g])
         if examples[g] >= 0:
             p = int(examples[g])
             entry["example"] = {
@@ -335,10 +390,14 @@ def cluster_report(state: State) -> dict[str, Any] | None:
                 "image_key": image_keys[p].as_py() if image_keys is not None else None,
             }
         groups.append(entry)
+    note = balance_note(state.options.cluster_balance)
+    if merged is not None:
+        note += f", over {int(merged.max()) + 1} groups of neighbouring clusters (a budget below the number of clusters)"
     return {
         "column": state.cluster_column,
         "count": n_groups,
-        "budget": (balance_note(state.options.cluster_balance) if spread
+        "merged_targets": None if merged is None else [int(t) for t in state.cluster_targets],
+        "budget": (note if spread
                    else f"shared by quota field {state.options.quota_field}" if state.options.quota_field
                    else "no budget: every survivor is selected"),
         "balance": state.options.cluster_balance,

@@ -269,7 +269,10 @@ def _select(
     _timed(timings, "fusion", t)
 
     t = time.perf_counter()
-    selection, summary = select_table(table, options, units=units, shapley=shapley, codes=codes, probes=probes)
+    centres = run.clusters.centres if run.clusters is not None else None
+    selection, summary = select_table(
+        table, options, units=units, shapley=shapley, codes=codes, probes=probes, cluster_centres=centres
+    )
     summary["notes"][:0] = [f"{family}: {line}" for family, r in shapley.items() for line in r.get("warnings", [])]
     _timed(timings, "selection", t)
 

@@ -87,6 +87,10 @@ class State:
     cluster_images: np.ndarray | None = None
     cluster_kept_images: np.ndarray | None = None
     cluster_targets: np.ndarray | None = None
+    #: the run's cluster centres (run.json ``clusters.centres``) and, when the budget was spread over
+    #: merged clusters, the merged group of every cluster (see :func:`visa.selection.crops.cluster_budget`)
+    cluster_centres: list[list[float]] | None = None
+    cluster_merged: np.ndarray | None = None
     probes: pa.Table | None = None
     calibration: VisualCalibration = field(default_factory=lambda: VisualCalibration(None))
     im_cut: dict[str, Any] | None = None
@@ -583,6 +587,7 @@ def select_table(
     shapley: Mapping[str, Any] | None = None,
     codes: np.ndarray | None = None,
     probes: pa.Table | None = None,
+    cluster_centres: list[list[float]] | None = None,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Run the selection stages over a score table that already has fused family columns.
 
@@ -590,11 +595,13 @@ def select_table(
     :mod:`visa.families`); ``shapley`` is the fusion report (its IM weights turn the raw IM agents
     into the value ``im_min`` applies to); ``codes`` are the table's image codes when the caller
     has them; ``probes`` is the run's probe table (stage-1 weights and cut, IM cut; see
-    :mod:`visa.probes.calibrate`). Returns the selection table (one row per input row, in table
-    order) and the summary.
+    :mod:`visa.probes.calibrate`); ``cluster_centres`` are the content clusters' centres of the
+    run (``clusters.centres``), used when the budget is smaller than the number of clusters.
+    Returns the selection table (one row per input row, in table order) and the summary.
     """
     state = initial_state(table, options, units, shapley, codes)
     state.probes = probes
+    state.cluster_centres = cluster_centres or None
     for stage in STAGES:
         stage(state)
     return selection_table(state), summary(state)
