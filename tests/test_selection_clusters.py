@@ -210,6 +210,10 @@ def test_a_budget_below_the_number_of_clusters_reaches_every_kind():
     group_of = {g["cluster"]: g["group"] for g in report["groups"]}
     assert shown == {c: f"group {g}: 1" for c, g in group_of.items()}  # the report shows the shared target
     assert any("spread over 4 groups" in note for note in summary["notes"])
+    # centres that do not fit the clusters (a damaged run.json) leave the budget to largest remainders
+    for bad in ([[0.0, 1.0]] * 3, [[0.0, 1.0], [2.0]] * 6, [[float("nan"), 0.0]] * 12):
+        again, _ = select_table(table, options, cluster_centres=bad)
+        assert sorted(family[np.asarray(again.column("selected"))]) == [1, 2, 2, 3]
     # a budget of at least the number of clusters is spread over the clusters themselves
     _, large = select_table(table, options.model_copy(update={"budget": 24}), cluster_centres=centres)
     assert large["clusters"]["merged_targets"] is None and all(g["target"] is not None for g in large["clusters"]["groups"])

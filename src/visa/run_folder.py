@@ -390,10 +390,6 @@ class ProbeFolder:
     def table(self) -> Path:
         return self.path / PROBE_TABLE
 
-    @property
-    def images(self) -> Path:
-        return self.path / PROBE_IMAGES
-
     def image(self, name: str) -> str:
         """The path of probe image ``name`` as records give it (relative to this folder)."""
         return f"{PROBE_IMAGES}/{name}.png"

@@ -309,12 +309,16 @@ def _centres(state: State) -> np.ndarray | None:
 
     if state.cluster_centres is None or state.cluster_column != CLUSTER_COLUMN:
         return None
-    centres = np.asarray(state.cluster_centres, dtype=np.float64)
+    try:
+        centres = np.asarray(state.cluster_centres, dtype=np.float64)
+    except ValueError:  # rows of different lengths: not centres this selection can use
+        return None
     ids = np.asarray(
         [int(v) if isinstance(v, int | np.integer) and not isinstance(v, bool) else -1 for v in state.group_values],
         dtype=np.int64,
     )
-    if centres.ndim != 2 or not centres.shape[1] or ids.min(initial=0) < 0 or ids.max(initial=-1) >= len(centres):
+    if (centres.ndim != 2 or not centres.shape[1] or not np.isfinite(centres).all()
+            or ids.min(initial=0) < 0 or ids.max(initial=-1) >= len(centres)):
         return None
     return centres[ids]
 
