@@ -12,9 +12,12 @@ from visa.agents.base import ImageItem
 from visa.agents.jpeg_bits import JpegBitsAgent
 from visa.probes.ladder import (
     IMAGE_LADDER,
+    Rung,
     answer_vocabulary,
     degrade,
     other_index,
+    other_indices,
+    other_rung,
     replace_answers,
     shuffle_answers,
 )
@@ -87,6 +90,17 @@ def test_other_index_never_the_same_image() -> None:
         other = other_index(position, keys, seed=3)
         assert other is not None and keys[other] != keys[position]
     assert other_index(0, ["a", "a"], seed=0) is None
+
+
+def test_other_indices_are_distinct_images_and_extend_the_first() -> None:
+    keys = ["a", "a", "b", "c", "c", "d"]
+    for position in range(len(keys)):
+        three = other_indices(position, keys, seed=5, count=3)
+        assert three[0] == other_index(position, keys, seed=5)  # more others keep the first
+        images = [keys[i] for i in three]
+        assert keys[position] not in images and len(set(images)) == len(images)
+    assert len(other_indices(2, keys, seed=5, count=9)) == 3  # a, c, d: every other image once
+    assert other_rung(0).kind == "other" and other_rung(2) == Rung("other3", 1, "other")
 
 
 def test_jpeg_bits_orders_the_ladder(photos: dict[str, Image.Image]) -> None:

@@ -191,7 +191,25 @@ def answer_vocabulary(conversations: Sequence[Sequence[Turn]]) -> list[str]:
 
 def other_index(position: int, keys: Sequence[str], seed: int) -> int | None:
     """A position ``!= position`` whose image key differs from ``keys[position]`` (None if none exists)."""
-    candidates = [i for i, k in enumerate(keys) if k != keys[position]]
-    if not candidates:
-        return None
-    return random.Random(seed * 1_000_003 + position).choice(candidates)
+    others = other_indices(position, keys, seed, 1)
+    return others[0] if others else None
+
+
+def other_indices(position: int, keys: Sequence[str], seed: int, count: int) -> list[int]:
+    """Up to ``count`` positions whose image keys differ from ``keys[position]`` and from each other,
+    drawn with a seed per position (the first is :func:`other_index`'s, whatever ``count``)."""
+    rng = random.Random(seed * 1_000_003 + position)
+    used = {keys[position]}
+    out: list[int] = []
+    while len(out) < count:
+        candidates = [i for i, k in enumerate(keys) if k not in used]
+        if not candidates:
+            break
+        out.append(rng.choice(candidates))
+        used.add(keys[out[-1]])
+    return out
+
+
+def other_rung(i: int) -> Rung:
+    """The IM ladder's rung for the ``i``-th other image (0-based): ``other``, ``other2``, ... (one chain)."""
+    return IM_LADDER[1] if i == 0 else Rung(f"other{i + 1}", 1, "other")

@@ -17,6 +17,7 @@ class ProbeOptions(BaseModel):
     minimum: int = Field(12, ge=2, description="at least this many ladders of each kind (when the pool has them)")
     max_images: int = Field(32, ge=2, description="at most this many image ladders")
     max_samples: int = Field(32, ge=2, description="at most this many IM/PT ladders")
+    others: int = Field(1, ge=1, le=8, description="other pool images each IM ladder puts its conversation on")
     max_side: int = Field(768, ge=64, description="long side (px) probe sources are shrunk to")
     seed: int = Field(0, description="seed of the calibration draw and of the random probes")
 

@@ -18,8 +18,8 @@ interrupted probe run resumes where it stopped; the probe files are rewritten on
 content changes (deterministic for a given pool, recipe and seed). Source images are shrunk to
 ``max_side`` first, which bounds the cost per probe.
 
-Cost: ``images`` ladders of nine rungs and ``samples`` ladders of three (five when PT has two or
-more agents), with ``images = clamp(share x unique images, minimum, max_images)`` and the same for
+Cost: ``images`` ladders of nine rungs and ``samples`` ladders of two rungs plus ``others`` (two
+more when PT has two or more agents), with ``images = clamp(share x unique images, minimum, max_images)`` and the same for
 samples; a pool-dependent agent (e.g. the tagger's TF-IDF) computes its pool statistics over the
 probe run's own rows.
 """
@@ -51,7 +51,8 @@ from visa.probes.ladder import (
     answer_vocabulary,
     degrade,
     flat_image,
-    other_index,
+    other_indices,
+    other_rung,
     replace_answers,
     shuffle_answers,
 )
@@ -141,7 +142,7 @@ def _add_image_ladders(plan: _Plan, loaded: dict, rows: list[int]) -> None:
             plan.manifest.append(_entry(name, VISUAL, j, rung))
 
 
-def _add_sample_ladders(plan: _Plan, loaded: dict, rows: list[int], with_pt: bool, seed: int) -> None:
+def _add_sample_ladders(plan: _Plan, loaded: dict, rows: list[int], with_pt: bool, seed: int, others: int) -> None:
     present = [r for r in rows if r in loaded]
     keys = [loaded[r][2] for r in present]
     vocabulary = answer_vocabulary([loaded[r][0] for r in present])
@@ -150,10 +151,9 @@ def _add_sample_ladders(plan: _Plan, loaded: dict, rows: list[int], with_pt: boo
         turns, image, _ = loaded[row]
         own = f"sample-{j:03d}"
         plan.add_image(own, image)
-        other = other_index(j, keys, seed)
         placements: list[tuple[Rung, str, tuple[Turn, ...], str]] = [(IM_LADDER[0], own, turns, PLACEMENT)]
-        if other is not None:
-            placements.append((IM_LADDER[1], f"sample-{other:03d}", turns, PLACEMENT))
+        for i, other in enumerate(other_indices(j, keys, seed, others)):
+            placements.append((other_rung(i), f"sample-{other:03d}", turns, PLACEMENT))
         placements.append((IM_LADDER[2], "flat", turns, PLACEMENT))
         if with_pt:
             placements.append((PT_LADDER[1], own, shuffle_answers(turns, seed + j), TEXT))
@@ -265,7 +265,7 @@ def run_probes(
     plan = _Plan(folder)
     _add_image_ladders(plan, loaded, image_rows)
     if sample_rows:
-        _add_sample_ladders(plan, loaded, sample_rows, with_pt, options.seed)
+        _add_sample_ladders(plan, loaded, sample_rows, with_pt, options.seed, options.others)
     del loaded
     parts = []
     for label, records, part_recipe in (
