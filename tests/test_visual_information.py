@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,6 @@ from visa.probes.ladder import (
     Rung,
     answer_vocabulary,
     degrade,
-    other_index,
     other_indices,
     other_rung,
     replace_answers,
@@ -84,19 +84,21 @@ def test_text_probes() -> None:
     assert replaced[0] == turns[0]
 
 
-def test_other_index_never_the_same_image() -> None:
+def test_other_image_never_the_same_image() -> None:
     keys = ["a", "a", "b", "c"]
     for position in range(4):
-        other = other_index(position, keys, seed=3)
-        assert other is not None and keys[other] != keys[position]
-    assert other_index(0, ["a", "a"], seed=0) is None
+        (other,) = other_indices(position, keys, seed=3, count=1)
+        assert keys[other] != keys[position]
+    assert other_indices(0, ["a", "a"], seed=0, count=1) == []
 
 
 def test_other_indices_are_distinct_images_and_extend_the_first() -> None:
     keys = ["a", "a", "b", "c", "c", "d"]
     for position in range(len(keys)):
         three = other_indices(position, keys, seed=5, count=3)
-        assert three[0] == other_index(position, keys, seed=5)  # more others keep the first
+        # more others keep the first, the draw every earlier probe set made
+        first = random.Random(5 * 1_000_003 + position).choice([i for i, k in enumerate(keys) if k != keys[position]])
+        assert three[0] == other_indices(position, keys, seed=5, count=1)[0] == first
         images = [keys[i] for i in three]
         assert keys[position] not in images and len(set(images)) == len(images)
     assert len(other_indices(2, keys, seed=5, count=9)) == 3  # a, c, d: every other image once

@@ -189,15 +189,10 @@ def answer_vocabulary(conversations: Sequence[Sequence[Turn]]) -> list[str]:
     return sorted({w for turns in conversations for w in _answer_words(turns)})
 
 
-def other_index(position: int, keys: Sequence[str], seed: int) -> int | None:
-    """A position ``!= position`` whose image key differs from ``keys[position]`` (None if none exists)."""
-    others = other_indices(position, keys, seed, 1)
-    return others[0] if others else None
-
-
 def other_indices(position: int, keys: Sequence[str], seed: int, count: int) -> list[int]:
     """Up to ``count`` positions whose image keys differ from ``keys[position]`` and from each other,
-    drawn with a seed per position (the first is :func:`other_index`'s, whatever ``count``)."""
+    drawn with a seed per position (the first is the same whatever ``count``, so a larger
+    ``probes.others`` keeps every earlier probe row)."""
     rng = random.Random(seed * 1_000_003 + position)
     used = {keys[position]}
     out: list[int] = []
