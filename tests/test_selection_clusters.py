@@ -157,6 +157,29 @@ def test_im_floor_keeps_a_family_the_im_agents_cannot_read():
     assert noisy[kept & blind].mean() < noisy[blind].mean()  # within the family, IM still ranks
 
 
+def test_rows_without_a_cluster_keep_a_group_of_their_own():
+    table, family, centres = _many_small_clusters(0)
+    n, extra = table.num_rows, 10  # ten samples without a cluster (text-only questions, say)
+    cluster = pa.concat_arrays([table.column("cluster").combine_chunks(), pa.nulls(extra, pa.int32())])
+    rng = np.random.default_rng(1)
+    table = pa.table({
+        "row": pa.array(np.arange(n + extra), pa.int64()),
+        "sample_id": pa.array([f"s{i}" for i in range(n + extra)]),
+        "image_key": pa.array([f"img{i}" for i in range(n + extra)]),
+        "error_kind": pa.nulls(n + extra, pa.string()),
+        "cluster": cluster,
+        "cluster_distance": pa.array(rng.random(n + extra)),
+        "sc": pa.array(rng.normal(size=n + extra)),
+        "im": pa.array(rng.normal(1.0, 0.3, n + extra)),
+    })
+    options = SelectionOptions(budget=5, image_keep=1.0, im_min=None, pt_tail=0, cluster_atypical=0.0)
+    out, summary = select_table(table, options, cluster_centres=centres)
+    selected = np.asarray(out.column("selected"))
+    # the four families' clusters merge into four groups; the rows without a cluster are a fifth
+    assert sorted(family[selected[:n]]) == [0, 1, 2, 3] and selected[n:].sum() == 1
+    assert summary["clusters"]["merged_targets"] == [1, 1, 1, 1, 1]
+
+
 def test_merge_clusters_joins_neighbours():
     from visa.selection.crops import merge_clusters
 
@@ -166,6 +189,10 @@ def test_merge_clusters_joins_neighbours():
     assert len(set(groups[:3])) == 1 and len(set(groups[3:6])) == 1 and groups[0] != groups[3]
     assert groups[6] == groups[0]
     assert list(merge_clusters(centres, counts, 6)[:6]) == [0, 1, 2, 3, 4, 5]  # enough groups: none merged
+    # a cluster with rows but no centre is a group of its own; the others share what is left
+    with_rest = np.vstack([centres, [[np.nan, np.nan]]])
+    groups = merge_clusters(with_rest, np.append(counts, 4), 3)
+    assert groups[7] == 2 and set(groups[:7]) == {0, 1} and groups[0] != groups[3]
 
 
 def _many_small_clusters(seed: int) -> tuple[pa.Table, np.ndarray, list[list[float]]]:
@@ -212,8 +239,9 @@ def test_a_budget_below_the_number_of_clusters_reaches_every_kind():
     assert any("spread over 4 groups" in note for note in summary["notes"])
     # centres that do not fit the clusters (a damaged run.json) leave the budget to largest remainders
     for bad in ([[0.0, 1.0]] * 3, [[0.0, 1.0], [2.0]] * 6, [[float("nan"), 0.0]] * 12):
-        again, _ = select_table(table, options, cluster_centres=bad)
+        again, noted = select_table(table, options, cluster_centres=bad)
         assert sorted(family[np.asarray(again.column("selected"))]) == [1, 2, 2, 3]
+        assert any("clusters.centres do not fit" in note for note in noted["notes"])
     # a budget of at least the number of clusters is spread over the clusters themselves
     _, large = select_table(table, options.model_copy(update={"budget": 24}), cluster_centres=centres)
     assert large["clusters"]["merged_targets"] is None and all(g["target"] is not None for g in large["clusters"]["groups"])

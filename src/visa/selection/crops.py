@@ -135,22 +135,29 @@ def spread_budget(pool_counts: np.ndarray, budget: int, balance: float) -> np.nd
 
 
 def merge_clusters(centres: np.ndarray, counts: np.ndarray, groups: int) -> np.ndarray:
-    """A group id (0 .. ``groups`` - 1) per cluster: the clusters that have rows (``counts`` > 0)
-    joined bottom-up by Ward's linkage on their ``centres`` (clusters x dims) until ``groups``
-    remain; a cluster without rows joins the group of the nearest cluster that has some."""
+    """A group id per cluster, ``groups`` groups in all when it can be: the clusters that have rows
+    (``counts`` > 0) and a centre (a row of ``centres`` without NaN) are joined bottom-up by
+    Ward's linkage on their centres; a cluster with rows but no centre (the rows that have no
+    cluster) stays a group of its own, and a cluster without rows joins the group of its nearest
+    cluster (it has nothing to select)."""
     from sklearn.cluster import AgglomerativeClustering
 
     centres = np.asarray(centres, dtype=np.float64)
-    present = np.flatnonzero(np.asarray(counts) > 0)
+    has_centre = ~np.isnan(centres).any(axis=1)
+    present = np.asarray(counts) > 0
+    joined = np.flatnonzero(present & has_centre)
+    alone = np.flatnonzero(present & ~has_centre)
+    n_joined = max(groups - alone.size, 1)
     out = np.zeros(centres.shape[0], dtype=np.int64)
-    if present.size <= groups:
-        out[present] = np.arange(present.size)
+    if joined.size <= n_joined:
+        out[joined] = np.arange(joined.size)
     else:
-        out[present] = AgglomerativeClustering(n_clusters=groups, linkage="ward").fit_predict(centres[present])
-    absent = np.setdiff1d(np.arange(centres.shape[0]), present)
-    if absent.size and present.size:
-        gaps = np.linalg.norm(centres[absent, None, :] - centres[None, present, :], axis=2)
-        out[absent] = out[present[gaps.argmin(axis=1)]]
+        out[joined] = AgglomerativeClustering(n_clusters=n_joined, linkage="ward").fit_predict(centres[joined])
+    out[alone] = (int(out[joined].max()) + 1 if joined.size else 0) + np.arange(alone.size)
+    absent = np.flatnonzero(~present & has_centre)
+    if absent.size and joined.size:
+        gaps = np.linalg.norm(centres[absent, None, :] - centres[None, joined, :], axis=2)
+        out[absent] = out[joined[gaps.argmin(axis=1)]]
     return out
 
 
@@ -283,16 +290,17 @@ def cluster_budget(state: State, budget: int) -> None:
     ranked = state.ranked
     n_groups = len(state.group_values)
     pool_counts = np.bincount(state.groups[share_rows(state)], minlength=n_groups)
-    centres = _centres(state)
     level = state.groups
     claiming = int(np.count_nonzero(pool_counts))
-    if centres is not None and 0 < budget < claiming:
-        state.cluster_merged = merge_clusters(centres, pool_counts, budget)
-        level = state.cluster_merged[state.groups]
-        pool_counts = np.bincount(state.cluster_merged, weights=pool_counts, minlength=budget).astype(np.int64)
+    centres = _centres(state) if 0 < budget < claiming else None
+    if centres is not None:
+        state.cluster_merged = merged = merge_clusters(centres, pool_counts, budget)
+        level = merged[state.groups]
+        n_merged = int(merged.max()) + 1
+        pool_counts = np.bincount(merged, weights=pool_counts, minlength=n_merged).astype(np.int64)
         state.notes.append(
             f"the budget ({budget}) is smaller than the {claiming} clusters that claim a share: "
-            f"it is spread over {budget} groups of neighbouring clusters"
+            f"it is spread over {n_merged} groups of neighbouring clusters"
         )
     state.cluster_targets = spread_budget(pool_counts, budget, state.options.cluster_balance)
     take = fill_targets(level[ranked], state.cluster_targets, budget)
@@ -303,24 +311,31 @@ def cluster_budget(state: State, budget: int) -> None:
 
 
 def _centres(state: State) -> np.ndarray | None:
-    """The centres of the table's content clusters in group order (None unless the groups are
-    the ``cluster`` column's ids and the run kept a centre for each)."""
+    """The centres of the table's content clusters in group order (a NaN row for the group of the
+    rows without a cluster), or None unless the groups are the ``cluster`` column's ids and the run
+    kept a centre for each (a note says so when its centres do not fit)."""
     from visa.clusters import CLUSTER_COLUMN
 
     if state.cluster_centres is None or state.cluster_column != CLUSTER_COLUMN:
-        return None
-    try:
-        centres = np.asarray(state.cluster_centres, dtype=np.float64)
-    except ValueError:  # rows of different lengths: not centres this selection can use
         return None
     ids = np.asarray(
         [int(v) if isinstance(v, int | np.integer) and not isinstance(v, bool) else -1 for v in state.group_values],
         dtype=np.int64,
     )
+    try:
+        centres = np.asarray(state.cluster_centres, dtype=np.float64)
+    except ValueError:  # rows of different lengths
+        centres = np.zeros((0, 0))
     if (centres.ndim != 2 or not centres.shape[1] or not np.isfinite(centres).all()
-            or ids.min(initial=0) < 0 or ids.max(initial=-1) >= len(centres)):
+            or ids.max(initial=-1) >= len(centres)):
+        state.notes.append(
+            "run.json's clusters.centres do not fit the table's clusters: the budget is spread over "
+            "the clusters themselves"
+        )
         return None
-    return centres[ids]
+    out = np.full((ids.size, centres.shape[1]), np.nan)
+    out[ids >= 0] = centres[ids[ids >= 0]]
+    return out
 
 
 def _code(reason: str) -> int:
