@@ -51,6 +51,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
+from visa.run_folder import RunFolder  # the file names are the same in both versions
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
@@ -119,7 +121,7 @@ def run_arm(src: Path, data: Path, image_root: Path, out: Path, recipe: str = "e
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"{command} with {src} failed: {stderr.decode(errors='replace')[-2000:]}")
-    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    run = json.loads(RunFolder(out).run_json.read_text(encoding="utf-8"))
     records = run["counts"]["records"]
     cpu = usage.ru_utime + usage.ru_stime
     return {
@@ -261,10 +263,10 @@ def main() -> None:
             "other": b,
             "samples_per_s_ratio": round(a["samples_per_s"] / b["samples_per_s"], 3),
             "cpu_s_ratio": round(b["cpu_s"] / a["cpu_s"], 3),
-            "scores": compare_tables(args.out / f"{pool}-ours" / "scores.parquet",
-                                     args.out / f"{pool}-other" / "scores.parquet"),
+            "scores": compare_tables(RunFolder(args.out / f"{pool}-ours").scores,
+                                     RunFolder(args.out / f"{pool}-other").scores),
             "auroc_clean_vs_misaligned": {
-                name: quality(args.out / f"{pool}-{name}" / "scores.parquet") for name in ("ours", "other")
+                name: quality(RunFolder(args.out / f"{pool}-{name}").scores) for name in ("ours", "other")
             },
         }
         print(json.dumps({pool: {k: results["pools"][pool][k] for k in ("samples_per_s_ratio", "cpu_s_ratio")}}),

@@ -17,7 +17,11 @@ Settings (``--settings``; default all):
   ``sc.pixel_correlation``, ``sc.block_grid``, ``sc.detail_scale``);
 * ``probes-old-agents``: the probe defaults without those agents (and without the gate, which
   reads two of them);
-* ``probes``: the run's own defaults (its recipe's ``selection:`` section) with every agent.
+* ``probes``: the run's own defaults (its recipe's ``selection:`` section) with every agent;
+* ``probes-no-dp``: the same without the ``dp.judge`` column (runs scored while the embedded recipe
+  still had the text judge: what leaving it out changes).
+
+Each row also counts the noisy samples the selection kept, per kind (``noise_selected``).
 
 Every setting starts from the recipe's ``selection:`` section (as ``visa select`` does) and
 overrides what it names.
@@ -38,6 +42,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from visa.bench.noise import DEGRADATIONS, auroc, budget_count, pool_kinds, precision_at, rated, read_records
+from visa.run_folder import RunFolder
 from visa.selection import select
 from visa.selection.options import resolve_options
 
@@ -47,22 +52,24 @@ SETTINGS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "before": ({"value": "consensus", "image_keep": 0.5, "im_min": 0.0, **NO_GATE}, NEW_AGENTS),
     "probes-old-agents": ({"image_gate": {}}, NEW_AGENTS),
     "probes": ({}, ()),
+    "probes-no-dp": ({}, ("dp.judge",)),
 }
 VISUAL = ("sc", "oa", "dp")
 
 
 def _run_json(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    return json.loads(RunFolder(run_dir).run_json.read_text(encoding="utf-8"))
 
 
 def _copy_run(run_dir: Path, drop: tuple[str, ...], into: Path) -> Path:
     into.mkdir(parents=True)
+    source, copy = RunFolder(run_dir), RunFolder(into)
     run = _run_json(run_dir)
     run["agents"] = [a for a in run.get("agents", []) if a.get("column") not in drop]
-    (into / "run.json").write_text(json.dumps(run))
-    (into / "scores.parquet").symlink_to((run_dir / "scores.parquet").resolve())
-    if (run_dir / "probes").is_dir():
-        (into / "probes").symlink_to((run_dir / "probes").resolve())
+    copy.run_json.write_text(json.dumps(run))
+    copy.scores.symlink_to(source.scores.resolve())
+    if source.probes.path.is_dir():
+        copy.probes.path.symlink_to(source.probes.path.resolve())
     return into
 
 
@@ -70,7 +77,7 @@ def _fused_columns(result: Any, run_dir: Path) -> dict[str, np.ndarray]:
     """The select-time fused family values per row, rebuilt from the shapley report of the selection."""
     from visa.fusion import apply_fusion
 
-    table = pq.read_table(run_dir / "scores.parquet")
+    table = pq.read_table(RunFolder(run_dir).scores)
     return {family: apply_fusion(table, report) for family, report in result.shapley.items()}
 
 
@@ -98,7 +105,7 @@ def _rate(values: np.ndarray, kinds: np.ndarray, noisy: str | None = None) -> fl
 def evaluate(run_dir: Path, pool: list[dict], setting: str, budget: str, seed: int) -> dict[str, Any]:
     options, drop = SETTINGS[setting]
     run = _run_json(run_dir)
-    table = pq.read_table(run_dir / "scores.parquet")
+    table = pq.read_table(RunFolder(run_dir).scores)
     kinds = pool_kinds(table, pool)
     with tempfile.TemporaryDirectory() as tmp:
         copy = _copy_run(run_dir, drop, Path(tmp) / "run")
@@ -121,6 +128,7 @@ def evaluate(run_dir: Path, pool: list[dict], setting: str, budget: str, seed: i
         "budget": budget,
         "selected": int(selected.sum()),
         "noise_rate": round(1 - float((kinds[selected] == "clean").mean()), 4) if selected.any() else None,
+        "noise_selected": {str(k): int(n) for k, n in zip(*np.unique(kinds[selected & (kinds != "clean")], return_counts=True))},
         "best_column": best_column,
         "best_column_noise_rate": round(1 - precision_at(singles[best_column], kinds == "clean", k), 4),
         "im": round(_rate(rated(fused["im"]), kinds), 4) if "im" in fused else None,

@@ -38,6 +38,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from visa.run_folder import RunFolder
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
@@ -124,7 +126,7 @@ def measure(args: argparse.Namespace, recipe: Any, data: Path, out: Path) -> dic
         "ray_over_local": round(ray_wall / local_wall, 3),
         "local_agent_seconds": {k: v["seconds"] for k, v in local["timings"]["agents"].items()},
         "ray_agent_seconds": {k: v["seconds"] for k, v in remote["timings"]["agents"].items()},
-        "tables": compare(out / "local" / "scores.parquet", out / "ray" / "scores.parquet"),
+        "tables": compare(RunFolder(out / "local").scores, RunFolder(out / "ray").scores),
     }
 
 

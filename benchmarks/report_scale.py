@@ -32,6 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from visa.run_folder import RunFolder
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 REASONS = ("error", "image_below_cut", "im_nonpositive", "pt_tail", "duplicate", "quota", "budget")
 
@@ -127,7 +129,7 @@ def generate(run_dir: Path, rows: int, images: int, with_input: bool, seed: int 
         np.where(text_only, np.nan, 5 + 2 * rng.random(rows)), pa.float64(), mask=text_only
     )
     table = pa.table(cols)
-    pq.write_table(table, run_dir / "scores.parquet")
+    pq.write_table(table, RunFolder(run_dir).scores)
 
     # selection: every drop reason, 2.5% selected
     reason = np.array(REASONS, dtype=object)[rng.integers(1, len(REASONS), rows)]
@@ -150,7 +152,7 @@ def generate(run_dir: Path, rows: int, images: int, with_input: bool, seed: int 
                 "reason": pa.array(reason.tolist(), pa.string()),
             }
         ),
-        run_dir / "selection.parquet",
+        RunFolder(run_dir).selection,
     )
 
     run = {
@@ -212,7 +214,7 @@ def generate(run_dir: Path, rows: int, images: int, with_input: bool, seed: int 
         from visa.readers import open_input
 
         run["input"]["fingerprint"] = open_input(run_dir / "data.jsonl").fingerprint()
-    (run_dir / "run.json").write_text(json.dumps(run), encoding="utf-8")
+    RunFolder(run_dir).run_json.write_text(json.dumps(run), encoding="utf-8")
 
 
 def write_input(path: Path, rows: int, text_only: np.ndarray, rng: np.random.Generator) -> None:
@@ -270,7 +272,7 @@ def main() -> None:
     if args.measure is not None:
         print(json.dumps(measure(args.dir, args.measure)))
         return
-    if args.regenerate or not (args.dir / "scores.parquet").is_file():
+    if args.regenerate or not RunFolder(args.dir).scores.is_file():
         t = time.perf_counter()
         generate(args.dir, args.rows, args.images, args.input)
         print(

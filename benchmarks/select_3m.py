@@ -29,6 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from visa.run_folder import RunFolder
+
 FAMILIES = {"sc": "image", "oa": "image", "dp": "image", "pt": "sample", "im": "sample"}
 AGENTS = ("a", "b")
 
@@ -85,7 +87,7 @@ def generate(run_dir: Path, rows: int, images: int, seed: int = 0) -> None:
         guard = (low + 5.0 + rng.normal(0, 2.0, images))[image]
         guard[text_only] = np.nan
         cols[f"sc.a.{field}"] = pa.array(guard, pa.float64(), mask=np.isnan(guard))
-    pq.write_table(pa.table(cols), run_dir / "scores.parquet")
+    pq.write_table(pa.table(cols), RunFolder(run_dir).scores)
     run = {
         "input": {"path": str(run_dir / "data.jsonl"), "format": "jsonl"},
         "recipe": {"name": "bench", "scores": {}},
@@ -95,7 +97,7 @@ def generate(run_dir: Path, rows: int, images: int, seed: int = 0) -> None:
             for a in AGENTS
         ],
     }
-    (run_dir / "run.json").write_text(json.dumps(run), encoding="utf-8")
+    RunFolder(run_dir).run_json.write_text(json.dumps(run), encoding="utf-8")
 
 
 #: What each measured mode selects with: quotas on meta.source without clusters (the original
@@ -146,10 +148,9 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(args.dir, args.budget, args.measure)))
         return
-    stale = (args.dir / "scores.parquet").is_file() and "cluster_typicality" not in pq.read_schema(
-        args.dir / "scores.parquet"
-    ).names
-    if args.regenerate or stale or not (args.dir / "scores.parquet").is_file():
+    scores = RunFolder(args.dir).scores
+    stale = scores.is_file() and "cluster_typicality" not in pq.read_schema(scores).names
+    if args.regenerate or stale or not scores.is_file():
         t = time.perf_counter()
         generate(args.dir, args.rows, args.images)
         print(

@@ -53,6 +53,9 @@ from PIL import Image, ImageDraw, ImageFont
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from visa.run_folder import RunFolder  # noqa: E402 (src on the path first)
+from visa.store import WorkDir  # noqa: E402
+
 FAMILIES = ("photo", "text", "code", "chart", "digit", "arithmetic", "document", "shapes")
 NOT_PHOTOS = frozenset({"page.png", "text.png"})  # scanned text among the example photos
 
@@ -412,8 +415,8 @@ def union(out_dir: Path, pools: list[Path], run_name: str = "run") -> Path:
             if not (images / name).exists():
                 shutil.copyfile(pool / "pool" / record["image"], images / name)
             records.append({**record, "image": f"images/{name}"})
-        for folder in (pool / run_name / "work" / "results").glob("*"):
-            target = out_dir / "run" / "work" / "results" / folder.name
+        for folder in WorkDir(pool / run_name).results_dir.glob("*"):
+            target = WorkDir(out_dir / "run").results_dir / folder.name
             target.mkdir(parents=True, exist_ok=True)
             for file in folder.iterdir():
                 shutil.copyfile(file, target / (file.name if file.suffix != ".parquet" else f"{pool.name}-{file.name}"))
@@ -435,7 +438,7 @@ def evaluate_run(pool_dir: Path, budgets: list[str], modes: dict[str, dict[str, 
     family = np.array([r["meta"]["family"] for r in pool])
     noisy = np.array([r["meta"]["noise"] != "clean" for r in pool])
     clean_families = sorted(set(family[~noisy]))
-    run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    run = json.loads(RunFolder(run_dir).run_json.read_text(encoding="utf-8"))
     rows = []
     for budget in budgets:
         for mode, overrides in modes.items():
@@ -472,7 +475,7 @@ def signal_aurocs(pools: list[Path], run_name: str, columns: list[str]) -> str:
     for pool in pools:
         report = evaluate(pool / run_name, pool / "pool" / "pool.json", None, "25%")
         by_name = {row["signal"]: row for row in report["signals"]}
-        table = pq.read_table(pool / run_name / "scores.parquet")
+        table = pq.read_table(RunFolder(pool / run_name).scores)
         for column in columns:
             row = by_name.get(column)
             if row is None and column in table.column_names:  # not a score (cluster_typicality): rated alike
@@ -541,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     for pool in args.pools:
         import pyarrow.parquet as pq
 
-        names = pq.read_schema(pool / args.run / "scores.parquet").names
+        names = pq.read_schema(RunFolder(pool / args.run).scores).names
         family = next(c for c in ("meta.family", "meta.meta.family") if c in names)  # the record's meta.family
         modes = {"no clusters": {"clusters": "off", **extra}, "clusters": {"clusters": "auto", **extra},
                  "family labels": {"clusters": family, **extra}}

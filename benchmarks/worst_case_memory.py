@@ -73,6 +73,7 @@ def arm(data: Path, out: Path, budget: int, chars: int) -> dict:
     import pyarrow.parquet as pq
 
     from visa.recipe import load_recipe
+    from visa.run_folder import RunFolder
     from visa.scoring import score
 
     recipe_path = out.parent / f"{out.name}.yaml"
@@ -80,7 +81,7 @@ def arm(data: Path, out: Path, budget: int, chars: int) -> dict:
     started = time.perf_counter()
     score(load_recipe(recipe_path), data, out)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    kinds = Counter(pq.read_table(out / "scores.parquet").column("error_kind").to_pylist())
+    kinds = Counter(pq.read_table(RunFolder(out).scores).column("error_kind").to_pylist())
     return {
         "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
