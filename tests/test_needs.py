@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import textwrap
+from importlib import resources
 from pathlib import Path
 
 import pytest
+import yaml
 from test_scoring import make_dataset, table_of, write_recipe
 
 from visa.pipeline import plan_agents
@@ -114,8 +118,22 @@ def test_a_missing_need_is_a_recipe_error_at_load_time(tmp_path):
     assert load_recipe(chain_recipe(tmp_path, follower_reads="[oa.tagger.entropy]", extra=extra))
 
 
-def test_embedded_judge_reads_the_recipe_tagger_and_statistics() -> None:
-    recipe = load_recipe("embedded")
+def embedded_with_judge(tmp_path: Path) -> Path:
+    """The bundled embedded recipe plus the ``dp`` section its comment tells users to add."""
+    text = (resources.files("visa") / "recipes" / "embedded.yaml").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    start = lines.index("#   dp:")
+    snippet = [line[1:] for line in itertools.takewhile(lambda x: x.startswith("#  "), lines[start:])]
+    recipe = yaml.safe_load(text)
+    recipe["scores"].update(yaml.safe_load(textwrap.dedent("\n".join(snippet))))
+    path = tmp_path / "embedded-judge.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path
+
+
+def test_embedded_judge_reads_the_recipe_tagger_and_statistics(tmp_path) -> None:
+    assert "dp" not in load_recipe("embedded").scores
+    recipe = load_recipe(embedded_with_judge(tmp_path))  # as the bundled recipe's comment says
     bound = recipe.build_agents()
     order = [b.column for b in bound]
     judge = next(b.agent for b in bound if b.column == "dp.judge")

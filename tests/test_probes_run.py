@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_needs import embedded_with_judge
 from test_scoring import light_recipe, make_dataset
 
 from visa.fusion import fuse_scores
@@ -76,8 +77,9 @@ def test_probes_can_be_switched_off(tmp_path: Path) -> None:
     assert record["shapley"]["light"]["value"] == "consensus"
 
 
-def test_split_recipe_keeps_what_sample_agents_read() -> None:
-    image_part, sample_part = split_recipe(load_recipe("embedded"))
+def test_split_recipe_keeps_what_sample_agents_read(tmp_path) -> None:
+    assert set(split_recipe(load_recipe("embedded"))[0].scores) == {"image", "sc", "oa"}
+    image_part, sample_part = split_recipe(load_recipe(embedded_with_judge(tmp_path)))
     assert image_part is not None and sample_part is not None
     assert set(image_part.scores) == {"image", "sc", "oa", "dp"}
     assert "im" in sample_part.scores

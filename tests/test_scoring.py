@@ -109,7 +109,7 @@ def test_embedded_recipe_on_examples_one_row_per_record(tmp_path, examples):
         else:
             assert r["error"] is None and r["image_key"] and r["image.stats"] > 0
     columns = set(rows[0])
-    assert {"sc", "oa", "dp", "pt", "im"} <= columns
+    assert {"sc", "oa", "pt", "im"} <= columns and "dp" not in columns  # no DP in the embedded recipe
     assert len([c for c in columns if c.startswith("sc.") and c.count(".") == 1]) >= 2
     assert set(run["shapley"]) >= {"sc", "oa", "im"}
 
