@@ -107,6 +107,26 @@ class SetupLog(Agent):
         return [{"score": float(item.image.width)} for item in items]
 
 
+class LoadLog(Agent):
+    """Image width; appends ``setup`` and ``teardown`` to ``log`` (where a model loads and is freed)."""
+
+    unit = Unit.IMAGE
+
+    class Params(AgentParams):
+        log: str
+
+    def setup(self) -> None:
+        with open(self.params.log, "a") as fh:
+            fh.write("setup\n")
+
+    def teardown(self) -> None:
+        with open(self.params.log, "a") as fh:
+            fh.write("teardown\n")
+
+    def score_batch(self, items):
+        return [{"score": float(item.image.width)} for item in items]
+
+
 class SlowSetup(Agent):
     """Image width, after a setup of ``delay`` seconds (a model load) that fails when ``fail`` is set.
     Scoring before the setup has finished is an error."""

@@ -10,14 +10,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_needs import embedded_with_judge
-from test_scoring import light_recipe, make_dataset
+from test_scoring import light_recipe, make_dataset, write_recipe
 
 from visa.fusion import fuse_scores
+from visa.pipeline import AgentGroup, plan_agents, warm_agents
 from visa.probes.ladder import IM_LADDER, IMAGE_LADDER
 from visa.probes.options import ProbeOptions
 from visa.probes.run import split_recipe
 from visa.recipe import load_recipe
 from visa.scoring import score
+from visa.store import WorkDir
 
 
 def test_probes_are_scored_stored_and_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,6 +77,57 @@ def test_probes_can_be_switched_off(tmp_path: Path) -> None:
     record = score(recipe, data, tmp_path / "run")
     assert "probes" not in record and not (tmp_path / "run" / "probes").exists()
     assert record["shapley"]["light"]["value"] == "consensus"
+
+
+def logged_recipe(tmp_path: Path, log: Path) -> Path:
+    return write_recipe(tmp_path / "logged.yaml", f"""
+name: logged
+execution: {{shard_size: 4}}
+scores:
+  sc:
+    agents:
+      - {{name: width, type: 'agents_for_tests:LoadLog', params: {{log: '{log}'}}}}
+  light:
+    agents:
+      - {{name: mean, type: 'agents_for_tests:MeanBrightness'}}
+  words:
+    agents:
+      - {{name: answer, type: 'agents_for_tests:AnswerLength'}}
+""")
+
+
+def test_probe_parts_reuse_the_pool_runs_loaded_agents(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "d", n_images=6)
+    log = tmp_path / "load.log"
+    recipe = load_recipe(logged_recipe(tmp_path, log))
+    score(recipe, data, tmp_path / "run")
+    image_part = json.loads((tmp_path / "run" / "probes" / "image" / "run.json").read_text())
+    assert image_part["timings"]["agents"]["sc.width"]["items"] > 0  # the probe images were scored
+    # set up once for the pool run and both probe parts, torn down once when the run ends
+    assert log.read_text().split() == ["setup", "teardown"]
+    log.unlink()
+    off = recipe.model_copy(update={"probes": ProbeOptions(enabled=False)})
+    score(off, data, tmp_path / "a")
+    score(off, data, tmp_path / "b")  # separate commands keep nothing loaded between them
+    assert log.read_text().split() == ["setup", "teardown"] * 2
+
+
+def test_a_failed_setup_is_not_kept_for_the_next_run(tmp_path: Path) -> None:
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", """
+name: failing
+scores:
+  sc:
+    agents: [{name: slow, type: 'agents_for_tests:SlowSetup', params: {fail: true}}]
+"""))
+    planned, decode = plan_agents(recipe)
+    with warm_agents():
+        group = AgentGroup(WorkDir(tmp_path / "run"), planned, planned, decode["fingerprint"], recipe.images)
+        group.setup(background=True)
+        group.teardown()
+        again, _ = plan_agents(recipe)
+        second = AgentGroup(WorkDir(tmp_path / "run"), again, again, decode["fingerprint"], recipe.images)
+        with pytest.raises(RuntimeError, match="damaged"):  # set up anew, not handed the broken instance
+            second.setup()
 
 
 def test_split_recipe_keeps_what_sample_agents_read(tmp_path) -> None:

@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,53 @@ class ShardStats:
 
 
 ProgressHook = Callable[[str, int], None]
+
+
+class WarmAgents:
+    """Set-up agents that a run hands on to the next runs of this process (its probe parts).
+
+    Inside :func:`warm_agents`, an :class:`AgentGroup` that finishes keeps its agents loaded here
+    instead of tearing them down, and a later group that plans an agent with the same fingerprint
+    (same type, version, parameters and upstream agents) uses that instance without a second setup.
+    Only agents whose setup succeeded are kept. Worker processes and Ray actors have none: this
+    saves the model loads of the in-process runs that follow each other in one ``visa score``.
+    """
+
+    def __init__(self) -> None:
+        self._agents: dict[str, Agent] = {}
+
+    def take(self, fp: str) -> Agent | None:
+        return self._agents.pop(fp, None)
+
+    def keep(self, fp: str, agent: Agent) -> None:
+        previous = self._agents.pop(fp, None)
+        if previous is not None and previous is not agent:
+            previous.teardown()
+        self._agents[fp] = agent
+
+    def close(self) -> None:
+        agents, self._agents = list(self._agents.values()), {}
+        for agent in agents:
+            agent.teardown()
+
+
+_WARM: WarmAgents | None = None
+
+
+@contextmanager
+def warm_agents() -> Iterator[None]:
+    """Keep set-up agents for the next run of this process until the block ends (see
+    :class:`WarmAgents`); then tear them all down. A nested block leaves them to the outer one."""
+    global _WARM
+    if _WARM is not None:
+        yield
+        return
+    _WARM = WarmAgents()
+    try:
+        yield
+    finally:
+        warm, _WARM = _WARM, None
+        warm.close()
 
 
 def _chunks(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -473,6 +521,8 @@ class AgentGroup:
         self._refreshed: set[str] = set()
         #: agent fingerprint -> its setup running in the background (see :meth:`setup`)
         self._setups: dict[str, Future[None]] = {}
+        #: fingerprints of the members set up successfully (what a WarmAgents block may keep)
+        self._loaded: set[str] = set()
 
     def setup(self, *, background: bool = False) -> None:
         """Register the members and set them up (load their models).
@@ -487,12 +537,21 @@ class AgentGroup:
             self.work.register_agent(planned.fingerprint, {**planned.identity, "column": planned.column})
         for index in self.index.values():
             index.refresh()
+        loading = []
+        for planned in self.members:
+            ready = _WARM.take(planned.fingerprint) if _WARM is not None else None
+            if ready is None:
+                loading.append(planned)
+            else:  # set up by an earlier run of this process (see WarmAgents)
+                planned.bound.agent = ready
+                self._loaded.add(planned.fingerprint)
         if not background:
-            for planned in self.members:
+            for planned in loading:
                 planned.agent.setup()
+                self._loaded.add(planned.fingerprint)
             return
         loader = ThreadPoolExecutor(1, thread_name_prefix="visa-setup")
-        self._setups = {planned.fingerprint: loader.submit(planned.agent.setup) for planned in self.members}
+        self._setups = {planned.fingerprint: loader.submit(planned.agent.setup) for planned in loading}
         loader.shutdown(wait=False)
 
     def _ready(self, planned: PlannedAgent) -> None:
@@ -500,12 +559,18 @@ class AgentGroup:
         future = self._setups.pop(planned.fingerprint, None)
         if future is not None:
             future.result()
+            self._loaded.add(planned.fingerprint)
 
     def teardown(self) -> None:
         setups, self._setups = self._setups, {}
         wait(setups.values())  # never tear down an agent while it is still loading
+        self._loaded.update(fp for fp, future in setups.items() if future.exception() is None)
         for planned in self.members:
-            planned.agent.teardown()
+            if _WARM is not None and planned.fingerprint in self._loaded:
+                _WARM.keep(planned.fingerprint, planned.agent)
+            else:
+                planned.agent.teardown()
+        self._loaded = set()
 
     def run(self, prepared: PreparedShard, progress: ProgressHook | None = None) -> None:
         """Run the group's agents over one shard and store their results: image agents first, each

@@ -23,7 +23,7 @@ from visa.assemble import assemble
 from visa.executors.base import Executor, RunPlan
 from visa.families import is_score
 from visa.fusion import unique_image_count
-from visa.pipeline import AgentStats, PlannedAgent, ShardStats, missing_results, plan_agents
+from visa.pipeline import AgentStats, PlannedAgent, ShardStats, missing_results, plan_agents, warm_agents
 from visa.progress import RunProgress
 from visa.readers import Input, InputError, duplicate_ids, open_input
 from visa.recipe import Recipe, RecipeError
@@ -183,7 +183,7 @@ def score(
     check_runnable(recipe)  # all before the lock, which creates the folder: a refused run leaves nothing
     inp, data, root = open_checked(recipe, data, image_root, stop_on_missing=stop_on_missing)
     folder = RunFolder(run_dir)
-    with folder.lock(wait=wait):
+    with folder.lock(wait=wait), warm_agents():  # the probe parts reuse the pool run's loaded models
         folder.recover()
         return _score(
             recipe, inp, data, root, run_dir, workers=workers, executor=executor, progress=progress,
