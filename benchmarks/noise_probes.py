@@ -19,7 +19,8 @@ Settings (``--settings``; default all):
   reads two of them);
 * ``probes``: the run's own defaults (its recipe's ``selection:`` section) with every agent;
 * ``probes-no-dp``: the same without the ``dp.judge`` column (runs scored while the embedded recipe
-  still had the text judge: what leaving it out changes).
+  still had the text judge: what leaving it out changes);
+* ``no-dp-no-clusters``: ``probes-no-dp`` with ``clusters: off`` (what the content clusters change).
 
 Each row also counts the noisy samples the selection kept, per kind (``noise_selected``).
 
@@ -53,6 +54,7 @@ SETTINGS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "probes-old-agents": ({"image_gate": {}}, NEW_AGENTS),
     "probes": ({}, ()),
     "probes-no-dp": ({}, ("dp.judge",)),
+    "no-dp-no-clusters": ({"clusters": "off"}, ("dp.judge",)),
 }
 VISUAL = ("sc", "oa", "dp")
 
