@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,8 +132,9 @@ class WarmAgents:
     Inside :func:`warm_agents`, an :class:`AgentGroup` that finishes keeps its agents loaded here
     instead of tearing them down, and a later group that plans an agent with the same fingerprint
     (same type, version, parameters and upstream agents) uses that instance without a second setup.
-    Only agents whose setup succeeded are kept. Worker processes and Ray actors have none: this
-    saves the model loads of the in-process runs that follow each other in one ``visa score``.
+    Only agents whose setup succeeded are kept. Worker processes, Ray actors and other threads have
+    none: this saves the model loads of the in-process runs that follow each other in one
+    ``visa score``.
     """
 
     def __init__(self) -> None:
@@ -153,22 +155,24 @@ class WarmAgents:
             agent.teardown()
 
 
-_WARM: WarmAgents | None = None
+#: the innermost :func:`warm_agents` block of this thread (a context variable: runs in other threads
+#: of the process never share agents with it)
+_WARM: ContextVar[WarmAgents | None] = ContextVar("visa_warm_agents", default=None)
 
 
 @contextmanager
 def warm_agents() -> Iterator[None]:
-    """Keep set-up agents for the next run of this process until the block ends (see
+    """Keep set-up agents for the next run of this thread until the block ends (see
     :class:`WarmAgents`); then tear them all down. A nested block leaves them to the outer one."""
-    global _WARM
-    if _WARM is not None:
+    if _WARM.get() is not None:
         yield
         return
-    _WARM = WarmAgents()
+    warm = WarmAgents()
+    token = _WARM.set(warm)
     try:
         yield
     finally:
-        warm, _WARM = _WARM, None
+        _WARM.reset(token)
         warm.close()
 
 
@@ -537,9 +541,9 @@ class AgentGroup:
             self.work.register_agent(planned.fingerprint, {**planned.identity, "column": planned.column})
         for index in self.index.values():
             index.refresh()
-        loading = []
+        warm, loading = _WARM.get(), []
         for planned in self.members:
-            ready = _WARM.take(planned.fingerprint) if _WARM is not None else None
+            ready = warm.take(planned.fingerprint) if warm is not None else None
             if ready is None:
                 loading.append(planned)
             else:  # set up by an earlier run of this process (see WarmAgents)
@@ -565,9 +569,10 @@ class AgentGroup:
         setups, self._setups = self._setups, {}
         wait(setups.values())  # never tear down an agent while it is still loading
         self._loaded.update(fp for fp, future in setups.items() if future.exception() is None)
+        warm = _WARM.get()
         for planned in self.members:
-            if _WARM is not None and planned.fingerprint in self._loaded:
-                _WARM.keep(planned.fingerprint, planned.agent)
+            if warm is not None and planned.fingerprint in self._loaded:
+                warm.keep(planned.fingerprint, planned.agent)
             else:
                 planned.agent.teardown()
         self._loaded = set()
