@@ -20,8 +20,8 @@ content changes (deterministic for a given pool, recipe and seed). Source images
 
 Cost: ``images`` ladders of nine rungs and ``samples`` ladders of two rungs plus ``others`` (two
 more when PT has two or more agents), with ``images = clamp(share x unique images, minimum,
-max_images)`` and the same for samples; a pool-dependent agent (e.g. the tagger's TF-IDF) computes its pool statistics over the
-probe run's own rows.
+max_images)`` and the same for samples; a pool-dependent agent (e.g. the tagger's TF-IDF) computes
+its pool statistics over the probe run's own rows.
 """
 
 from __future__ import annotations
